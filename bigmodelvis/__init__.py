@@ -1,0 +1,1 @@
+"""bigmodelvis: visualise the structure of big models (re-exported from opendelta)."""

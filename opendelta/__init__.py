@@ -1,0 +1,19 @@
+"""opendelta: plug-and-play delta tuning (LoRA, Adapter, BitFit, ...) for any PyTorch model.
+
+``import opendelta`` needs only torch; transformers, safetensors, rich and huggingface_hub
+are imported where they are used.
+"""
+from .version import __version__
+from .delta_configs import BaseDeltaConfig
+from .delta_layer import DeltaLayer
+from .basemodel import DeltaBase
+from .registry import get_delta_class, known_delta_types, register_delta
+from .delta_models import *  # noqa: F401,F403  (registers every method)
+from .delta_models import __all__ as _method_names
+from .auto_delta import AutoDeltaConfig, AutoDeltaModel
+from .utils.structure_mapping import CommonStructureMap
+from .utils.inspect import inspect_module_statistics
+
+__all__ = ["__version__", "AutoDeltaConfig", "AutoDeltaModel", "BaseDeltaConfig", "CommonStructureMap",
+           "DeltaBase", "DeltaLayer", "get_delta_class", "inspect_module_statistics",
+           "known_delta_types", "register_delta", *_method_names]

@@ -1,0 +1,92 @@
+"""BitFit: train a bias for every Linear, Conv1D and normalisation layer of the targets.
+
+Ben Zaken et al., 2021. Each targeted layer gets an additive bias ``delta`` initialised at
+zero: its output becomes ``f(x) + delta``. Where the layer has a bias ``b`` this is the same
+as training ``b`` (``b + delta`` gets the same gradient), yet the backbone's own bias is
+never touched, so :meth:`detach` restores it exactly and several BitFit deltas can share
+one backbone; where it has none (T5, Llama), it is the bias the layer lacked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ..basemodel import DeltaBase
+from ..delta_configs import BaseDeltaConfig
+from ..delta_layer import DeltaLayer, primary_tensor, replace_primary_tensor
+from ..registry import registered
+from ..utils.shapes import is_linear_like, is_norm, leaf_sizes
+
+
+@dataclass
+class BitFitConfig(BaseDeltaConfig):
+    """BitFit has no hyperparameters beyond the targets."""
+
+    delta_type = "bitfit"
+
+
+class BiasLayer(DeltaLayer):
+    """An additive bias on a module's output.
+
+    Shapes: ``bias`` ``[features]``, added along the last dimension (``channel_dim=-1``) or,
+    for convolutions, along dimension 1.
+    """
+
+    def __init__(self, features: int, channel_dim: int = -1, device: Any = None, dtype: Any = None):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.bias = nn.Parameter(torch.zeros(features, device=device, dtype=dtype))
+
+    def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
+        hidden = primary_tensor(output)
+        bias = self.bias
+        if self.channel_dim != -1:
+            bias = bias.view(-1, *([1] * (hidden.dim() - 2)))
+        return replace_primary_tensor(output, hidden + bias)
+
+
+def biasable_layers(name: str, module: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The Linear-like, convolution and normalisation layers at or below ``module``
+    (never inside delta layers)."""
+    if isinstance(module, DeltaLayer):
+        return []
+    if is_linear_like(module) or is_norm(module) or isinstance(module, nn.modules.conv._ConvNd):
+        return [(name, module)]
+    out = []
+    for child_name, child in module.named_children():
+        out.extend(biasable_layers(f"{name}.{child_name}" if name else child_name, child))
+    return out
+
+
+@registered()
+class BitFitModel(DeltaBase):
+    """Bias tuning (default: every linear and normalisation layer of the attention and
+    feed-forward blocks). Targets may be whole blocks: every Linear, Conv1D, convolution
+    and normalisation layer inside gets a bias."""
+
+    delta_type = "bitfit"
+    config_class = BitFitConfig
+    default_modified_modules = ["attn", "crossattn", "ff", "ff.w1", "ff.w2", "layer_norm"]
+    layer_name = "bitfit"
+
+    def add_all_deltas(self, targets) -> None:
+        modules = dict(self.backbone_model.named_modules())
+        done = set()
+        for target in targets:
+            layers = [(n, m) for n, m in biasable_layers(target, modules[target]) if id(m) not in done]
+            if not layers and id(modules[target]) not in done:
+                raise ValueError(f"BitFit found no Linear, Conv1D, convolution or normalisation layer "
+                                 f"in {target!r} ({type(modules[target]).__name__})")
+            for name, module in layers:
+                done.add(id(module))
+                self.add_delta(name, module)
+
+    def add_delta(self, name: str, module: nn.Module) -> None:
+        sizes = leaf_sizes(module)
+        if sizes is None:
+            raise ValueError(f"cannot tell the output size of {name!r} ({type(module).__name__})")
+        channel_dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+        self.insert_layer(name, BiasLayer(sizes[1], channel_dim, **self.factory_kwargs(module)))

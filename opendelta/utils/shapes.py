@@ -1,0 +1,121 @@
+"""Sizes of modules, read from the modules themselves (no forward pass).
+
+Linear, GPT-2's ``Conv1D`` (weight stored as ``[in, out]``), Embedding, convolutions and
+normalisation layers (LayerNorm, RMSNorm, T5LayerNorm, ...) state their sizes. For a
+composite module (an attention block, a feed-forward block) the input size is that of its
+first sized leaf and the output size that of its last, in registration order. Where that
+is not enough, :func:`probe_sizes` runs one dummy forward and reports failures clearly.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+Sizes = Tuple[int, int]  # (input features, output features)
+
+
+def is_conv1d_transposed(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is ``[in, out]``."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and look-alikes (``T5LayerNorm``, ``LlamaRMSNorm``, ...)."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+        return True
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        return True
+    weight = getattr(module, "weight", None)
+    name = type(module).__name__
+    return (name.endswith("Norm") and isinstance(weight, torch.Tensor) and weight.dim() == 1)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d_transposed(module)
+
+
+def leaf_sizes(module: nn.Module) -> Optional[Sizes]:
+    """``(in, out)`` of a module that states its own sizes, else ``None``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d_transposed(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.LayerNorm) and module.normalized_shape:
+        return module.normalized_shape[-1], module.normalized_shape[-1]
+    if is_norm(module):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            return weight.shape[0], weight.shape[0]
+        num = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
+        if num:
+            return num, num
+    return None
+
+
+def static_sizes(module: nn.Module) -> Optional[Sizes]:
+    """``(in, out)`` of ``module`` from its own or its leaves' declared sizes."""
+    own = leaf_sizes(module)
+    if own is not None:
+        return own
+    from ..delta_layer import DeltaLayer
+
+    sized = [s for m in module.modules() if not isinstance(m, DeltaLayer)
+             and not isinstance(m, nn.Embedding) and (s := leaf_sizes(m)) is not None]
+    if not sized:
+        return None
+    return sized[0][0], sized[-1][1]
+
+
+def probe_sizes(backbone: nn.Module, names: Iterable[str]) -> Dict[str, Sizes]:
+    """Sizes of the named submodules, measured by one dummy forward of ``backbone``.
+
+    The dummy input is four token ids (and decoder ids for encoder-decoder models).
+
+    Raises:
+        RuntimeError: the dummy forward failed or never reached a named module; the
+            message names the modules and the original error.
+    """
+    from ..delta_layer import primary_input, primary_tensor
+
+    names = list(names)
+    modules = dict(backbone.named_modules())
+    found: Dict[str, Sizes] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, kwargs, output):
+            found[name] = (primary_input(args, kwargs).shape[-1], primary_tensor(output).shape[-1])
+        return hook
+
+    for name in names:
+        handles.append(modules[name].register_forward_hook(make_hook(name), with_kwargs=True))
+    try:
+        param = next(backbone.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        ids = torch.tensor([[3, 4, 5, 6]], device=device)
+        inputs = {"input_ids": ids}
+        config = getattr(backbone, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids
+        with torch.no_grad():
+            backbone(**inputs)
+    except Exception as error:  # re-raised with context; never swallowed
+        raise RuntimeError(
+            f"could not infer the sizes of {names} from the modules themselves, and the dummy "
+            f"forward of {type(backbone).__name__} used as a fallback failed: {error}. Target "
+            "modules that declare their sizes (Linear, Conv1D, LayerNorm, ...).") from error
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise RuntimeError(f"the dummy forward never reached {missing}; cannot infer their sizes")
+    return found
