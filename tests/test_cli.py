@@ -1,0 +1,84 @@
+"""The ``opendelta`` command line: bad arguments, inspect, and a real fine-tune of MiniLM."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from opendelta.cli import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "opendelta", *args], capture_output=True, text=True,
+                          timeout=1200)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model", "/nonexistent/model"], "not a model directory"),
+    (["train", "--delta", "nosuchdelta"], "unknown delta_type 'nosuchdelta'; known delta types: "),
+    (["train", "--epochs", "0"], "--epochs and --batch-size must be >= 1"),
+    (["train", "--delta-arg", "lora_r"], "expected NAME=VALUE"),
+    (["inspect", "/nonexistent/ckpt"], "not a directory"),
+    (["visualize", "/nonexistent/model"], "not a model directory"),
+])
+def test_bad_arguments_give_one_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("opendelta: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ('{"text": "a", "label": 1}\n{"text": "b", "label": \n', ".jsonl", "line 2: not valid JSON"),
+    ("text,label\nhello,1,extra\n", ".csv", "line 2: more fields than the header has"),
+    ("words,label\nhello,1\nbye,0\n", ".csv", "no value in column 'text'"),
+    ("text,label\nhello,1\nbye,1\n", ".csv", "fewer than two distinct labels"),
+    ("whatever", ".parquet", "unknown format .parquet"),
+])
+def test_malformed_data_files(tmp_path, capsys, content, suffix, message):
+    data = tmp_path / f"data{suffix}"
+    data.write_text(content)
+    assert main(["train", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_inspect_corrupt_and_missing(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"delta_type": "lora"}')
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "no model.safetensors or pytorch_model.bin" in capsys.readouterr().err
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage")
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "model.safetensors: cannot be read" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_real_minilm_on_bbc_news_and_reload(tmp_path):
+    """A small budget of the main job: accuracy well above chance (0.2), and the saved
+    checkpoint reproduces the command's predictions on a fresh backbone."""
+    out = tmp_path / "delta"
+    result = run_cli("train", "--train-size", "240", "--test-size", "100", "--max-length", "64",
+                     "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accuracy:" in result.stdout and "checkpoint:" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_examples"] == 100 and metrics["train_examples"] == 240
+    assert metrics["accuracy_after"] >= 0.6 > 0.2
+    assert metrics["checkpoint_bytes"] < 0.02 * metrics["full_model_bytes"]
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from opendelta import AutoDeltaModel
+    from opendelta.text_classification import default_model_path, load_bbc_news, predict
+
+    path = default_model_path()
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
+    AutoDeltaModel.from_finetuned(str(out), backbone_model=model)
+    test = load_bbc_news().test
+    predictions = predict(model, AutoTokenizer.from_pretrained(path), test[:100], 16, 64)
+    assert predictions == metrics["test_predictions"]
+
+    shown = run_cli("inspect", str(out))
+    assert shown.returncode == 0 and "delta type: lora" in shown.stdout
+    assert "BertForSequenceClassification" in shown.stdout
