@@ -1,1 +1,7 @@
-"""bigmodelvis: visualise the structure of big models (re-exported from opendelta)."""
+"""bigmodelvis: visualise the structure of big models (re-exported from opendelta).
+
+``from bigmodelvis import Visualization`` as in OpenDelta's documentation; needs ``rich``.
+"""
+from opendelta.utils.visualization import Visualization
+
+__all__ = ["Visualization"]
