@@ -1,0 +1,215 @@
+"""Exchange LoRA deltas with PEFT (``huggingface/peft``) without depending on it.
+
+PEFT's LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
+with keys ``base_model.model.<module>.lora_A.weight`` (``[r, in]``) and ``...lora_B.weight``
+(``[out, r]``); the update is ``B @ A @ x * lora_alpha / r`` (``/ sqrt(r)`` with
+``use_rslora``), exactly our :class:`~opendelta.delta_models.lora.LoraLayer`. Backbone modules
+PEFT trains whole (``modules_to_save``, e.g. a classifier head) are stored under
+``base_model.model.<module>.<param>``. GPT-2's ``Conv1D`` stores its weight as
+``[in, out]``; PEFT marks it with ``fan_in_fan_out`` (which only matters when merging: its
+``lora_A``/``lora_B`` have the same shapes as ours).
+
+* :func:`save_peft_lora` writes a LoRA delta (and the backbone parameters left trainable)
+  as a PEFT adapter that ``peft.PeftModel.from_pretrained`` loads.
+* :func:`load_peft_lora` builds a :class:`LoraModel` from a PEFT LoRA adapter directory;
+  ``AutoDeltaModel.from_finetuned`` and ``LoraModel.from_finetuned`` call it for a
+  directory holding ``adapter_config.json`` and no ``config.json``.
+
+Variants our LoRA does not compute (DoRA, per-module ranks, LoRA on embeddings, trained
+biases, ...) are refused with a message naming the option.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type, Union
+
+import torch
+from torch import nn
+
+from ..delta_layer import iter_delta_layers
+from .saving_loading import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, _remove_new_layers,
+                             read_weights, write_files_atomically)
+from .shapes import is_conv1d_transposed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..basemodel import DeltaBase
+
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<host>.+)\.lora_(?P<which>A|B)\.weight$")
+#: adapter_config.json options whose non-default values our LoRA cannot reproduce.
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layer_replication": None,
+                "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+                "alora_invocation_tokens": None}
+
+
+def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"],
+                   base_model_name_or_path: Optional[str] = None) -> str:
+    """Write a LoRA delta as a PEFT adapter directory (atomically).
+
+    Args:
+        delta: a :class:`LoraModel`.
+        directory: where to write ``adapter_config.json`` and ``adapter_model.safetensors``.
+        base_model_name_or_path: recorded for PEFT; default the backbone's
+            ``config._name_or_path``.
+
+    Returns:
+        the absolute path of the directory.
+    """
+    if delta.delta_type != "lora":
+        raise TypeError(f"only LoRA deltas have a PEFT format; this is a {delta.delta_type!r} delta")
+    backbone = delta.backbone_model
+    hosts: List[str] = []
+    tensors: Dict[str, torch.Tensor] = {}
+    conv1d = False
+    for host_name, _, layer in delta._layers:
+        host = backbone.get_submodule(host_name) if host_name else backbone
+        conv1d = conv1d or is_conv1d_transposed(host)
+        hosts.append(host_name)
+        tensors[f"{PREFIX}{host_name}.lora_A.weight"] = layer.lora_A
+        tensors[f"{PREFIX}{host_name}.lora_B.weight"] = layer.lora_B
+    # Backbone modules left trainable travel whole, as PEFT's modules_to_save.
+    trainable = delta._trainable_backbone_tensors()
+    modules_to_save = sorted({name.rpartition(".")[0] for name in trainable})
+    for module_name in modules_to_save:
+        module = backbone.get_submodule(module_name)
+        for pname, param in module.named_parameters():
+            tensors[f"{PREFIX}{module_name}.{pname}"] = param
+    meta = [k for k, v in tensors.items() if v.device.type == "meta"]
+    if meta:
+        raise CheckpointError(f"cannot export tensors on the meta device ({meta[:3]}...)")
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    cfg = delta.config
+    name = base_model_name_or_path or getattr(getattr(backbone, "config", None), "_name_or_path", None)
+    adapter_config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": name or None,
+        "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
+        # Full module names: PEFT matches a target equal to the name or ending with ".target".
+        "target_modules": hosts, "fan_in_fan_out": conv1d, "bias": "none",
+        "use_rslora": False, "use_dora": False,
+        "modules_to_save": modules_to_save or None,
+        "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    text = json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"
+
+    def write_weights(target: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, target, metadata={"format": "pt"})
+
+    def write_config(target: str) -> None:
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return write_files_atomically(directory, {PEFT_WEIGHTS_NAME: write_weights, PEFT_CONFIG_NAME: write_config})
+
+
+def read_peft_config(directory: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
+    path = os.path.join(os.fspath(directory), PEFT_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: not a PEFT adapter directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return config
+
+
+def _peft_weights_file(directory: str) -> str:
+    for name in (PEFT_WEIGHTS_NAME, "adapter_model.bin"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(f"{os.path.join(directory, PEFT_WEIGHTS_NAME)} is missing: the PEFT adapter "
+                          "directory has no weights")
+
+
+def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn.Module,
+                   delta_class: Optional[Type["DeltaBase"]] = None) -> "DeltaBase":
+    """Build a LoRA delta on ``backbone_model`` from a PEFT LoRA adapter directory.
+
+    Raises:
+        CheckpointError: not a LoRA adapter, an option our LoRA cannot compute, keys that
+            do not fit the backbone. The backbone is unchanged after a failure.
+    """
+    directory = os.fspath(directory)
+    source = os.path.join(directory, PEFT_CONFIG_NAME)
+    config = read_peft_config(directory)
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise CheckpointError(f"{source}: peft_type {config.get('peft_type')!r} is not LORA; only "
+                              "PEFT LoRA adapters can be loaded")
+    for option, default in _UNSUPPORTED.items():
+        if config.get(option, default) not in (default, None, False, [], {}):
+            raise CheckpointError(f"{source}: {option}={config[option]!r} is not supported by "
+                                  "opendelta's LoRA; only plain LoRA adapters load")
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(f"{source}: bias={config['bias']!r} is not supported (trained biases); "
+                              "only bias='none' adapters load")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise CheckpointError(f"{source}: rank_pattern/alpha_pattern (per-module ranks) are not "
+                              "supported: opendelta's LoRA has one rank")
+    r = int(config["r"])
+    alpha = float(config.get("lora_alpha", 8))
+    if config.get("use_rslora"):
+        alpha = alpha * math.sqrt(r)  # PEFT scales by alpha / sqrt(r); ours by alpha / r
+    file = _peft_weights_file(directory)
+    raw, _ = read_weights(file)
+
+    hosts: List[str] = []
+    lora: Dict[str, torch.Tensor] = {}
+    backbone_tensors: Dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        match = _LORA_KEY.match(name)
+        if match:
+            host = match.group("host")
+            if host not in hosts:
+                hosts.append(host)
+            lora[f"{host}.{match.group('which')}"] = value
+        elif "lora_" in name:
+            raise CheckpointError(f"{file}: {key!r} is a LoRA tensor opendelta cannot load "
+                                  "(LoRA on embeddings, DoRA, ...)")
+        else:
+            backbone_tensors[name.replace(".modules_to_save.default.", ".")] = value
+    if not hosts:
+        raise CheckpointError(f"{file} holds no LoRA weights (no '*.lora_A.weight' keys)")
+
+    if delta_class is None:
+        from ..registry import get_delta_class
+
+        delta_class = get_delta_class("lora")
+    before = {id(layer) for _, layer in iter_delta_layers(backbone_model)}
+    try:
+        # PEFT's modules_to_save were trained whole: freeze_module() keeps them trainable.
+        heads = sorted({name.rpartition(".")[0] for name in backbone_tensors})
+        delta = delta_class(backbone_model, modified_modules=list(hosts), unfrozen_modules=["deltas", *heads],
+                            lora_r=r, lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout", 0.0)))
+    except Exception as err:
+        _remove_new_layers(backbone_model, before)
+        raise CheckpointError(f"{source}: cannot build the LoRA delta on "
+                              f"{type(backbone_model).__name__}: {err}") from err
+    state: Dict[str, torch.Tensor] = dict(backbone_tensors)
+    child = type(delta).layer_name
+    for host in hosts:
+        for which in ("A", "B"):
+            if f"{host}.{which}" not in lora:
+                delta.detach()
+                _remove_new_layers(backbone_model, before)
+                raise CheckpointError(f"{file}: {host}.lora_{which}.weight is missing")
+            state[f"{host}.{child}.lora_{which}"] = lora[f"{host}.{which}"]
+    try:
+        delta.load_delta_state_dict(state, strict=True, source=file)
+    except Exception:
+        delta.detach()
+        _remove_new_layers(backbone_model, before)
+        raise
+    return delta
+
+
+__all__ = ["load_peft_lora", "read_peft_config", "save_peft_lora"]

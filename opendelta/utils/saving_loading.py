@@ -1,0 +1,775 @@
+"""Saving and loading delta checkpoints: ``save_finetuned`` / ``from_finetuned``.
+
+A checkpoint is a directory::
+
+    config.json          delta_type, every hyperparameter, the targets, backbone class,
+                         name and hash, library versions
+    model.safetensors    the delta's parameters (and persistent buffers) plus the backbone
+                         parameters left trainable by ``freeze_module`` (e.g. a classifier
+                         head); never pickle
+
+Parameter names are those inside the backbone (``bert.encoder.layer.0.attention.self.query
+.lora.lora_A``) with the method's canonical child name (``lora``), even when this delta
+lives under ``lora_1`` because the module already hosted another LoRA: a checkpoint loads
+onto any fresh copy of the backbone.
+
+Writes are atomic: a new checkpoint directory is written under a temporary name and renamed
+into place; in an existing directory each file is written to a temporary file and renamed
+over the old one, weights first and config last, and both carry the same ``save_id`` so a
+pair from two different saves (a crash between the two renames) is refused when loading.
+
+Loading is strict and checks everything before touching the backbone: a missing or
+unexpected key or a wrong shape raises :class:`CheckpointError` naming the file and the
+keys, and the backbone is left as it was.
+
+Directories written by the original OpenDelta 0.3.x (``pytorch_model.bin``, read with
+``torch.load(weights_only=True)``) load too, see :mod:`opendelta.utils.legacy`; so do LoRA
+adapters saved by PEFT (``adapter_config.json``), see :mod:`opendelta.utils.peft_interop`.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..delta_configs import BaseDeltaConfig
+from ..delta_layer import detach_layer, is_delta_parameter_name, iter_delta_layers
+from .model_hash import gen_model_hash, has_meta_parameters, is_comparable_hash
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..basemodel import DeltaBase
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+#: files fetched from the Hub for a checkpoint (whichever exist).
+HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME,
+             "adapter_model.bin"]
+#: safetensors metadata / config key tying a weights file to its config.json.
+SAVE_ID_KEY = "opendelta_save_id"
+STRUCTURE_HASH_KEY = "backbone_structure_hash"
+#: arguments of the original ``save_finetuned`` for its (discontinued) DeltaCenter.
+_DELTA_CENTER_ARGS = ("push_to_dc", "center_args", "center_args_pool", "list_tags", "dict_tags",
+                      "delay_push")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the backbone (the message says why)."""
+
+
+class BackboneHashWarning(UserWarning):
+    """The backbone differs from the one the checkpoint was trained on."""
+
+
+# =========================================================================== small helpers
+def library_versions() -> Dict[str, str]:
+    """Versions of the libraries that matter to a checkpoint, read without importing them."""
+    from ..version import __version__
+
+    out = {"opendelta_version": __version__, "torch_version": torch.__version__.split("+")[0]}
+    for package in ("transformers", "safetensors"):
+        try:
+            out[f"{package}_version"] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _short_list(names: List[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_files_atomically(directory: PathLike, writers: Dict[str, Callable[[str], None]]) -> str:
+    """Write the files of a checkpoint so that a crash never leaves a half-written one.
+
+    Args:
+        directory: the checkpoint directory (created if absent).
+        writers: file name -> function writing that file at the path it is given. Files
+            are put in place in this order (put the config last).
+
+    A new directory is filled under a temporary name and renamed into place. In an
+    existing directory every file is first written to a temporary file next to it, then
+    renamed over the old one; other files in the directory are kept.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"cannot save a checkpoint to {directory}: it is a file; pass a directory")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    if not os.path.exists(directory):
+        tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+        try:
+            os.chmod(tmp_dir, 0o755)
+            for name, write in writers.items():
+                target = os.path.join(tmp_dir, name)
+                write(target)
+                os.chmod(target, 0o644)
+                _fsync_file(target)
+            _fsync_dir(tmp_dir)
+            try:
+                os.replace(tmp_dir, directory)
+            except OSError:
+                if not os.path.isdir(directory):
+                    raise
+                # Created meanwhile by someone else: fall back to per-file replacement.
+                _replace_files(directory, {n: os.path.join(tmp_dir, n) for n in writers})
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        _fsync_dir(parent)
+        return directory
+    temps: Dict[str, str] = {}
+    try:
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
+            os.close(fd)
+            temps[name] = tmp
+            write(tmp)
+            os.chmod(tmp, 0o644)
+            _fsync_file(tmp)
+        _replace_files(directory, temps)
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return directory
+
+
+def _replace_files(directory: str, sources: Dict[str, str]) -> None:
+    for name, source in sources.items():
+        os.replace(source, os.path.join(directory, name))
+    _fsync_dir(directory)
+
+
+# =========================================================================== reading files
+def read_config_file(directory: PathLike) -> Dict[str, Any]:
+    """The dict in ``directory/config.json``; :class:`CheckpointError` if absent or invalid."""
+    path = os.path.join(os.fspath(directory), CONFIG_NAME)
+    if not os.path.isfile(path):
+        present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        raise CheckpointError(f"{path} is missing: a delta checkpoint directory needs {CONFIG_NAME} "
+                              f"and {WEIGHTS_NAME} (found: {present or 'nothing'})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the file is damaged") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(config).__name__}")
+    return config
+
+
+def weights_file(directory: PathLike) -> str:
+    """Path of the weights file of a checkpoint directory (safetensors preferred)."""
+    directory = os.fspath(directory)
+    for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(f"{os.path.join(directory, WEIGHTS_NAME)} is missing: the checkpoint "
+                          f"directory {directory} holds no {WEIGHTS_NAME} (nor a legacy "
+                          f"{LEGACY_WEIGHTS_NAME}); was the save interrupted?")
+
+
+def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Tensors and metadata of a weights file (``.safetensors``, or a legacy ``.bin`` read
+    with ``torch.load(weights_only=True)``), on the CPU.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupt file, or no tensor mapping inside.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing")
+    if path.endswith(".bin") or path.endswith(".pt") or path.endswith(".pth"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise CheckpointError(f"{path} cannot be read with torch.load(weights_only=True): {err}. "
+                                  "The file is damaged or holds more than tensors.") from err
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} does not hold a mapping of names to tensors")
+        return dict(state), {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        tensors = {}
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a valid safetensors file ({err}); it is truncated or "
+                              "corrupt: save the checkpoint again") from err
+    return tensors, metadata
+
+
+# =========================================================================== resolution
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
+
+
+def looks_like_repo_id(value: str) -> bool:
+    """``"name"`` or ``"org/name"`` in the Hub's alphabet (no ``..``, no ``--``, <= 96 chars)."""
+    return bool(_REPO_ID.match(value)) and ".." not in value and "--" not in value and len(value) <= 96
+
+
+def resolve_checkpoint_dir(path_or_repo_id: PathLike, cache_dir: Optional[PathLike] = None,
+                           local_files_only: bool = False, force_download: bool = False,
+                           revision: Optional[str] = None, token: Optional[Union[str, bool]] = None) -> str:
+    """A local directory holding the checkpoint: ``path_or_repo_id`` itself, or the Hub
+    snapshot of repo ``path_or_repo_id`` (downloaded or found in the hub cache).
+
+    ``local_files_only=True`` or the environment variable ``HF_HUB_OFFLINE=1`` resolve from
+    the hub cache (``cache_dir``, default the huggingface_hub cache) without any network call.
+
+    Raises:
+        CheckpointError: a file instead of a directory, a string that is neither a directory
+            nor a repo id, or a repo that cannot be found (offline: not in the cache).
+    """
+    value = os.fspath(path_or_repo_id)
+    if os.path.isdir(value):
+        return value
+    if os.path.exists(value):
+        raise CheckpointError(f"{value} is a file; pass the checkpoint directory that holds "
+                              f"{CONFIG_NAME} and {WEIGHTS_NAME}")
+    if cache_dir is not None and os.path.isdir(os.path.join(os.fspath(cache_dir), value)):
+        return os.path.join(os.fspath(cache_dir), value)
+    if not looks_like_repo_id(value):
+        raise CheckpointError(f"{value!r} is neither an existing directory nor a Hugging Face Hub "
+                              "repo id ('org/name'); check the path")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    offline = bool(local_files_only) or _env_flag("HF_HUB_OFFLINE")
+    try:
+        return snapshot_download(repo_id=value, revision=revision, cache_dir=cache_dir,
+                                 local_files_only=offline, force_download=force_download,
+                                 token=token, allow_patterns=HUB_FILES)
+    except LocalEntryNotFoundError as err:
+        where = cache_dir or "the huggingface_hub cache"
+        raise CheckpointError(
+            f"{value!r} is not a local directory, and the Hub repo {value!r} is not in {where}"
+            + (" (offline: HF_HUB_OFFLINE or local_files_only is set)" if offline else
+               f" and could not be downloaded ({err})")) from err
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
+        raise CheckpointError(f"{value!r} is not a local directory, and the Hub has no such repo or "
+                              f"revision: {err}") from err
+    except HfHubHTTPError as err:
+        raise CheckpointError(f"cannot download {value!r} from the Hub: {err}") from err
+
+
+# =========================================================================== the mixin
+class SaveLoadMixin:
+    """``save_finetuned`` / ``from_finetuned`` and the lower-level checkpoint helpers of
+    :class:`~opendelta.basemodel.DeltaBase`."""
+
+    # ------------------------------------------------------------------ names
+    def _canonical_prefixes(self: "DeltaBase") -> Dict[str, str]:
+        """Actual child prefix -> canonical prefix of every layer of this delta."""
+        out = {}
+        canonical_child = type(self).layer_name
+        for host_name, child_name, _ in self._layers:
+            actual = f"{host_name}.{child_name}" if host_name else child_name
+            child = canonical_child if child_name == self.layer_attr else child_name
+            out[actual] = f"{host_name}.{child}" if host_name else child
+        return out
+
+    def _delta_tensors(self: "DeltaBase") -> Dict[str, torch.Tensor]:
+        """Parameters and persistent buffers of this delta, under canonical names."""
+        prefixes = self._canonical_prefixes()
+        out: Dict[str, torch.Tensor] = {}
+        for layer_prefix, layer in self.delta_layers():
+            canonical = prefixes.get(layer_prefix, layer_prefix)
+            for name, tensor in layer.state_dict(keep_vars=True).items():
+                out.setdefault(f"{canonical}.{name}", tensor)
+        return out
+
+    def _trainable_backbone_tensors(self: "DeltaBase") -> Dict[str, torch.Tensor]:
+        """Backbone (non-delta) parameters left trainable, if the backbone was frozen at all.
+
+        With nothing frozen (``freeze_module`` never called) the backbone is not saved:
+        a delta checkpoint never turns into a copy of the whole model.
+        """
+        from .model_hash import backbone_parameters
+
+        params = list(backbone_parameters(self.backbone_model))
+        if all(p.requires_grad for _, p in params):
+            return {}
+        return {name: p for name, p in params if p.requires_grad}
+
+    def checkpoint_state_dict(self: "DeltaBase") -> Dict[str, torch.Tensor]:
+        """What :meth:`save_checkpoint` writes: delta tensors (canonical names) and the
+        trainable backbone parameters, detached, on the CPU."""
+        tensors = {**self._delta_tensors(), **self._trainable_backbone_tensors()}
+        meta = [k for k, v in tensors.items() if v.device.type == "meta"]
+        if meta:
+            raise CheckpointError(f"cannot save tensors on the meta device ({_short_list(meta)}); "
+                                  "materialise the model first (e.g. model.to_empty(device=...) and "
+                                  "load real weights)")
+        # Clone: safetensors refuses tensors sharing storage, and a snapshot cannot change
+        # while the file is written.
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+    # ------------------------------------------------------------------ low-level files
+    def save_checkpoint(self: "DeltaBase", path: PathLike,
+                        state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                        metadata: Optional[Dict[str, str]] = None) -> str:
+        """Write the weights of this delta as safetensors (atomically), without config.
+
+        Args:
+            path: a directory (the file is ``path/model.safetensors``) or a path ending
+                with ``.safetensors``.
+            state_dict: tensors to write instead of :meth:`checkpoint_state_dict`; names of
+                this delta's layers are turned into canonical names.
+            metadata: extra string metadata for the safetensors header.
+
+        Returns:
+            the path of the weights file.
+        """
+        path = os.fspath(path)
+        if path.endswith(".safetensors"):
+            directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        else:
+            directory, name = path, WEIGHTS_NAME
+        tensors = self._prepare_state_dict(state_dict)
+        write_files_atomically(directory, {name: self._weights_writer(tensors, metadata or {})})
+        return os.path.join(os.path.abspath(directory), name)
+
+    def _prepare_state_dict(self: "DeltaBase", state_dict: Optional[Dict[str, torch.Tensor]]
+                            ) -> Dict[str, torch.Tensor]:
+        if state_dict is None:
+            return self.checkpoint_state_dict()
+        prefixes = self._canonical_prefixes()
+        out = {}
+        for key, value in state_dict.items():
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
+            out[_rename_prefix(key, prefixes)] = value.detach().to("cpu", copy=True).contiguous()
+        return out
+
+    @staticmethod
+    def _weights_writer(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]
+                        ) -> Callable[[str], None]:
+        def write(target: str) -> None:
+            from safetensors.torch import save_file
+
+            save_file(tensors, target, metadata={"format": "pt", **metadata})
+        return write
+
+    def load_checkpoint(self: "DeltaBase", path: PathLike, strict: bool = True) -> None:
+        """Load weights saved by :meth:`save_checkpoint` (or ``save_finetuned``) into this delta.
+
+        Args:
+            path: a checkpoint directory or a weights file (``.safetensors``; a legacy
+                ``pytorch_model.bin`` is read with ``torch.load(weights_only=True)``).
+            strict: a delta tensor missing from the file, or a key that is neither this
+                delta's nor a backbone parameter, raises :class:`CheckpointError`.
+        """
+        path = os.fspath(path)
+        file = weights_file(path) if os.path.isdir(path) else path
+        tensors, _ = read_weights(file)
+        legacy = file.endswith(".bin")
+        if legacy:
+            from .legacy import convert_legacy_state_dict
+
+            tensors = convert_legacy_state_dict(self, tensors)
+        self.load_delta_state_dict(tensors, strict=strict, source=file, allow_missing_buffers=legacy)
+
+    def load_delta_state_dict(self: "DeltaBase", state_dict: Dict[str, torch.Tensor], strict: bool = True,
+                              source: str = "state_dict", allow_missing_buffers: bool = False) -> None:
+        """Copy ``state_dict`` (canonical delta names and backbone parameter names) into this
+        delta and the backbone. Everything is checked before anything is written.
+
+        Raises:
+            CheckpointError: (strict) missing delta tensors or unexpected keys; wrong shapes
+                (always). The message names ``source`` and the keys.
+        """
+        targets = self._delta_tensors()
+        backbone = self.backbone_model
+        backbone_params = dict(backbone.named_parameters())
+        persistent_buffers = {k for k, v in targets.items() if not isinstance(v, nn.Parameter)}
+
+        plan: List[Tuple[str, torch.Tensor, torch.Tensor]] = []
+        unexpected, mismatched = [], []
+        for key, value in state_dict.items():
+            target = targets.get(key)
+            if target is None:
+                target = backbone_params.get(key)
+            if target is None:
+                unexpected.append(key)
+                continue
+            if tuple(target.shape) != tuple(value.shape):
+                mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+                continue
+            plan.append((key, target, value))
+        missing = [k for k in targets if k not in state_dict
+                   and not (allow_missing_buffers and k in persistent_buffers)]
+        on_meta = [key for key, target, _ in plan if target.device.type == "meta"]
+        problems = []
+        if on_meta:
+            problems.append(f"{_short_list(on_meta)} are on the meta device and cannot hold values "
+                            "(materialise the backbone first, e.g. with to_empty() and its weights)")
+        if mismatched:
+            problems.append(f"shape mismatch for {_short_list(mismatched)}")
+        if strict and missing:
+            problems.append(f"missing delta tensors {_short_list(missing)}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys (neither this {self.delta_type} delta's nor backbone "
+                            f"parameters) {_short_list(unexpected)}")
+        if problems:
+            hint = self._architecture_hint()
+            raise CheckpointError(f"{source} does not fit this {type(self).__name__} on "
+                                  f"{type(backbone).__name__}: " + "; ".join(problems) + hint)
+        with torch.no_grad():
+            for _, target, value in plan:
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    def _architecture_hint(self: "DeltaBase") -> str:
+        saved = getattr(self, "_checkpoint_backbone_class", None)
+        current = type(self.backbone_model).__name__
+        if saved and saved != current:
+            return (f". The checkpoint was made for a {saved}, this backbone is a {current}: "
+                    "load it onto the backbone it was trained on")
+        return ""
+
+    # ------------------------------------------------------------------ save_finetuned
+    def save_finetuned(self: "DeltaBase", finetuned_delta_path: PathLike = "./delta_checkpoints/",
+                       save_config: bool = True, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                       *, push_to_hub: bool = False, repo_id: Optional[str] = None,
+                       private: Optional[bool] = None, token: Optional[Union[str, bool]] = None,
+                       commit_message: Optional[str] = None, **legacy_kwargs: Any) -> str:
+        """Save this delta (weights and config) to a directory, atomically; optionally push
+        it to the Hugging Face Hub.
+
+        Args:
+            finetuned_delta_path: the checkpoint directory (created; an existing one is
+                updated file by file, its other files kept).
+            save_config: write ``config.json`` (with the backbone's class, name and hash and
+                the library versions). Without it the directory cannot be loaded by
+                ``from_finetuned``, only by :meth:`load_checkpoint`.
+            state_dict: tensors to save instead of the delta's own and the trainable
+                backbone parameters.
+            push_to_hub: upload ``config.json`` and ``model.safetensors`` (and a
+                ``README.md`` if the directory has one) to the Hub repo ``repo_id``
+                (created if needed, ``private`` as given) with huggingface_hub.
+            token: Hub token (default: huggingface_hub's login).
+            **legacy_kwargs: the original's DeltaCenter arguments (``push_to_dc``,
+                ``center_args``, ...) are accepted and ignored with a warning.
+
+        Returns:
+            the absolute path of the checkpoint directory.
+        """
+        unknown = set(legacy_kwargs) - set(_DELTA_CENTER_ARGS)
+        if unknown:
+            raise TypeError(f"save_finetuned() got unexpected argument(s) {sorted(unknown)}")
+        if legacy_kwargs.get("push_to_dc") or legacy_kwargs.get("center_args"):
+            warnings.warn("the DeltaCenter no longer exists: push_to_dc/center_args are ignored; "
+                          "use push_to_hub=True, repo_id='org/name' to share through the Hugging "
+                          "Face Hub", stacklevel=2)
+        if push_to_hub and not repo_id:
+            raise ValueError("push_to_hub=True needs repo_id='org/name'")
+        save_id = uuid.uuid4().hex
+        tensors = self._prepare_state_dict(state_dict)
+        writers = {WEIGHTS_NAME: self._weights_writer(
+            tensors, {SAVE_ID_KEY: save_id, "delta_type": self.delta_type})}
+        if save_config:
+            delta_keys = set(self._delta_tensors())
+            config = self.config_for_saving(skip_parameters=[k for k in tensors if k not in delta_keys])
+            config.extra[SAVE_ID_KEY] = save_id
+            text = config.to_json_string()
+
+            def write_config(target: str) -> None:
+                with open(target, "w", encoding="utf-8") as f:
+                    f.write(text)
+            writers[CONFIG_NAME] = write_config  # last: a config always has its weights
+        directory = write_files_atomically(os.fspath(finetuned_delta_path), writers)
+        logger.info("delta checkpoint saved to %s", directory)
+        if push_to_hub:
+            push_checkpoint_to_hub(directory, repo_id, private=private, token=token,
+                                   commit_message=commit_message or f"Upload {self.delta_type} delta")
+        return directory
+
+    def _unfrozen_covering(self: "DeltaBase", param_names: List[str]) -> List[str]:
+        """``unfrozen_modules`` extended with the modules holding ``param_names``."""
+        unfrozen = list(self.unfrozen_modules or ["deltas"])
+        for param_name in param_names:
+            keys = [k for k in unfrozen if k != "deltas"]
+            if not self._exclusion_matches(param_name, keys, None):
+                unfrozen.append(param_name.rpartition(".")[0] or param_name)
+        return unfrozen
+
+    def config_for_saving(self: "DeltaBase", skip_parameters: List[str] = ()) -> BaseDeltaConfig:
+        """This delta's config with the backbone's class, name and hash and the library
+        versions filled in (the hash leaves out the values of ``skip_parameters``, which
+        the checkpoint stores itself)."""
+        backbone = self.backbone_model
+        name = getattr(getattr(backbone, "config", None), "_name_or_path", None) \
+            or self.config.backbone_checkpoint_name
+        from .distributed import has_sharded_parameters, unsharded_class
+
+        # FSDP2 (DTensor parameters): hashing values would need a collective gather of the
+        # whole backbone, and its classes are renamed (FSDPLlama...): record neither hash.
+        sharded = has_sharded_parameters(backbone)
+        config = self.config.copy(
+            # Backbone parameters saved with the delta were trainable: record their modules
+            # so that freeze_module() after from_finetuned() leaves them trainable again.
+            unfrozen_modules=self._unfrozen_covering(skip_parameters),
+            backbone_class=unsharded_class(backbone).__name__, backbone_checkpoint_name=name or None,
+            backbone_hash=None if sharded or has_meta_parameters(backbone)
+            else gen_model_hash(backbone, skip_parameters=skip_parameters))
+        config.extra.pop(STRUCTURE_HASH_KEY, None)  # never a stale one from a loaded config
+        if not sharded:
+            config.extra[STRUCTURE_HASH_KEY] = gen_model_hash(backbone, with_parameters=False)
+        config.extra.update(library_versions())
+        config.extra.pop(SAVE_ID_KEY, None)
+        return config
+
+    # ------------------------------------------------------------------ from_finetuned
+    @classmethod
+    def from_finetuned(cls, finetuned_delta_path: PathLike, backbone_model: nn.Module,
+                       delta_config: Optional[Union[BaseDeltaConfig, Dict[str, Any]]] = None,
+                       cache_dir: Optional[PathLike] = None,
+                       state_dict: Optional[Dict[str, torch.Tensor]] = None, *,
+                       check_hash: bool = True, strict_hash: bool = False,
+                       local_files_only: bool = False, force_download: bool = False,
+                       revision: Optional[str] = None, token: Optional[Union[str, bool]] = None,
+                       **overrides: Any) -> "DeltaBase":
+        """Rebuild a saved delta on ``backbone_model`` and load its weights strictly.
+
+        The backbone is put in eval mode (``backbone_model.eval()``, dropout off), as in
+        OpenDelta; call ``backbone_model.train()`` and ``freeze_module`` to train further.
+        The delta is created on the backbone's device and dtype.
+
+        Args:
+            finetuned_delta_path: a checkpoint directory, or a Hub repo id (``"org/name"``)
+                fetched with huggingface_hub (``cache_dir``, ``local_files_only``,
+                ``force_download``, ``revision``, ``token``; ``HF_HUB_OFFLINE=1`` is honoured).
+            backbone_model: the model to put the delta on (modified in place).
+            delta_config: a config (object or dict) to use instead of ``config.json``.
+            state_dict: tensors to load instead of the weights file.
+            check_hash: compare the backbone with the hash saved in the config; a mismatch
+                warns (:class:`BackboneHashWarning`) naming both hashes. Hashes written by
+                OpenDelta 0.3.x use another recipe and are not compared.
+            strict_hash: raise :class:`CheckpointError` on a hash mismatch instead.
+            **overrides: config fields or constructor arguments (e.g. ``name``) that win over
+                the saved config.
+
+        Raises:
+            CheckpointError: missing or damaged files, unknown delta_type, a checkpoint
+                for another delta type or architecture, missing/unexpected keys. The
+                backbone is unchanged after any of these.
+        """
+        directory = resolve_checkpoint_dir(finetuned_delta_path, cache_dir=cache_dir,
+                                           local_files_only=local_files_only,
+                                           force_download=force_download, revision=revision, token=token)
+        if delta_config is None and not os.path.isfile(os.path.join(directory, CONFIG_NAME)) \
+                and os.path.isfile(os.path.join(directory, PEFT_CONFIG_NAME)):
+            from .peft_interop import load_peft_lora
+
+            delta = load_peft_lora(directory, backbone_model, delta_class=_lora_class_for(cls))
+            backbone_model.eval()
+            return delta
+        config_source = os.path.join(directory, CONFIG_NAME)
+        config = read_config_file(directory) if delta_config is None else delta_config
+        if isinstance(config, dict):
+            from .legacy import is_legacy_config, upgrade_legacy_config
+
+            if is_legacy_config(config):
+                config = upgrade_legacy_config(config, backbone_model)
+        config = _build_config(cls, config, config_source)
+        delta_class = _class_for(cls, config, config_source)
+
+        if state_dict is None:
+            file = weights_file(directory)
+            tensors, metadata = read_weights(file)
+            legacy = file.endswith(".bin")
+            saved_id, config_id = metadata.get(SAVE_ID_KEY), config.extra.get(SAVE_ID_KEY)
+            if delta_config is None and saved_id and config_id and saved_id != config_id:
+                raise CheckpointError(
+                    f"{file} and {config_source} come from two different saves (save_id {saved_id} "
+                    f"vs {config_id}): a save was interrupted; save the checkpoint again")
+        else:
+            file, tensors, legacy = "the state_dict argument", dict(state_dict), False
+
+        if check_hash:
+            _check_backbone_hash(backbone_model, config, tensors, strict_hash, config_source)
+
+        before = {id(layer) for _, layer in iter_delta_layers(backbone_model)}
+        try:
+            delta = delta_class.from_config(config, backbone_model, **overrides)
+        except Exception as err:
+            _remove_new_layers(backbone_model, before)
+            saved = config.backbone_class
+            hint = (f" (the checkpoint was made for a {saved}, this backbone is a "
+                    f"{type(backbone_model).__name__})" if saved and saved != type(backbone_model).__name__
+                    else "")
+            raise CheckpointError(f"{config_source}: cannot rebuild the {config.delta_type} delta on "
+                                  f"{type(backbone_model).__name__}{hint}: {err}") from err
+        delta._checkpoint_backbone_class = config.backbone_class
+        try:
+            if legacy:
+                from .legacy import convert_legacy_state_dict
+
+                tensors = convert_legacy_state_dict(delta, tensors)
+            delta.load_delta_state_dict(tensors, strict=True, source=file, allow_missing_buffers=legacy)
+        except Exception:
+            delta.detach()
+            _remove_new_layers(backbone_model, before)
+            raise
+        # A legacy checkpoint's head (classifier.*) stays trainable under freeze_module().
+        params = dict(backbone_model.named_parameters())
+        backbone_keys = [k for k in tensors if k in params and not is_delta_parameter_name(backbone_model, k)]
+        delta.unfrozen_modules = delta._unfrozen_covering(backbone_keys)
+        delta.config.unfrozen_modules = list(delta.unfrozen_modules)
+        backbone_model.eval()
+        return delta
+
+
+# =========================================================================== helpers of from_finetuned
+def _rename_prefix(key: str, prefixes: Dict[str, str]) -> str:
+    for actual, canonical in prefixes.items():
+        if key.startswith(actual + "."):
+            return canonical + key[len(actual):]
+    return key
+
+
+def _build_config(cls: type, config: Union[BaseDeltaConfig, Dict[str, Any]], source: str) -> BaseDeltaConfig:
+    if isinstance(config, BaseDeltaConfig):
+        return config
+    from ..registry import get_delta_class
+
+    delta_type = config.get("delta_type")
+    if delta_type is None:
+        delta_type = getattr(cls, "delta_type", "") or None
+    if not delta_type:
+        raise CheckpointError(f"{source} has no 'delta_type': it cannot tell which delta to build")
+    try:
+        delta_class = get_delta_class(delta_type)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    try:
+        return delta_class.config_class.from_dict(config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source} holds an invalid {delta_type} config: {err}") from err
+
+
+def _class_for(cls: type, config: BaseDeltaConfig, source: str) -> type:
+    from ..registry import get_delta_class
+
+    delta_class = get_delta_class(config.delta_type)
+    if getattr(cls, "delta_type", "") and not issubclass(delta_class, cls) and not issubclass(cls, delta_class):
+        raise CheckpointError(f"{source} holds a {config.delta_type!r} delta, not a {cls.delta_type!r} "
+                              f"one: load it with {delta_class.__name__}.from_finetuned or "
+                              "AutoDeltaModel.from_finetuned")
+    return cls if getattr(cls, "delta_type", "") and issubclass(cls, delta_class) else delta_class
+
+
+def _lora_class_for(cls: type) -> type:
+    from ..registry import get_delta_class
+
+    lora = get_delta_class("lora")
+    if getattr(cls, "delta_type", "") and not issubclass(cls, lora):
+        raise CheckpointError(f"the directory holds a PEFT LoRA adapter ({PEFT_CONFIG_NAME}); load it "
+                              "with LoraModel.from_finetuned or AutoDeltaModel.from_finetuned")
+    return cls if getattr(cls, "delta_type", "") else lora
+
+
+def _check_backbone_hash(backbone: nn.Module, config: BaseDeltaConfig, tensors: Dict[str, torch.Tensor],
+                         strict: bool, source: str) -> None:
+    saved = config.backbone_hash
+    structure_saved = config.extra.get(STRUCTURE_HASH_KEY)
+    if saved is not None and not is_comparable_hash(saved):
+        logger.info("%s: backbone_hash %s was written by OpenDelta 0.3.x (another recipe); "
+                    "not compared", source, saved)
+        return
+    structure_now = gen_model_hash(backbone, with_parameters=False)
+    if has_meta_parameters(backbone) or (structure_saved and structure_saved != structure_now):
+        # Values cannot (meta device) or need not (another structure) be compared.
+        saved, current = structure_saved, structure_now
+        what = "structure (module tree, parameter shapes or dtypes)"
+    else:
+        backbone_keys = set(dict(backbone.named_parameters()))
+        skip = [k for k in tensors if k in backbone_keys]
+        current = gen_model_hash(backbone, skip_parameters=skip) if saved else None
+        what = "parameters"
+    if not saved or saved == current:
+        return
+    message = (f"the backbone's {what} differ from those the delta in {source} was trained on: "
+               f"saved hash {saved}, this backbone's {current}. Outputs may not be what was "
+               "trained. Pass check_hash=False to silence this check, strict_hash=True to make it "
+               "an error.")
+    if strict:
+        raise CheckpointError(message)
+    warnings.warn(message, BackboneHashWarning, stacklevel=3)
+
+
+def _remove_new_layers(backbone: nn.Module, before: set) -> None:
+    """Take out every delta layer added to ``backbone`` since ``before`` was recorded."""
+    for name, layer in list(iter_delta_layers(backbone)):
+        if id(layer) in before:
+            continue
+        host_name = name.rpartition(".")[0]
+        host = backbone.get_submodule(host_name) if host_name else backbone
+        detach_layer(host, layer)
+
+
+# =========================================================================== the Hub
+def push_checkpoint_to_hub(directory: PathLike, repo_id: str, private: Optional[bool] = None,
+                           token: Optional[Union[str, bool]] = None,
+                           commit_message: str = "Upload delta checkpoint") -> Any:
+    """Create Hub repo ``repo_id`` if needed and upload the checkpoint files of ``directory``.
+
+    Returns:
+        huggingface_hub's ``CommitInfo``.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(directory), repo_type="model",
+                             allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"],
+                             commit_message=commit_message)
+
+
+__all__ = ["BackboneHashWarning", "CheckpointError", "CONFIG_NAME", "LEGACY_WEIGHTS_NAME",
+           "SaveLoadMixin", "WEIGHTS_NAME", "push_checkpoint_to_hub", "read_config_file",
+           "read_weights", "resolve_checkpoint_dir", "write_files_atomically"]
