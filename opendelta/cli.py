@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=1)
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--max-length", type=int, default=128)
-    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--lr", type=float, default=5e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output-dir", default="outputs/delta")
     train.set_defaults(func=cmd_train)

@@ -135,7 +135,7 @@ class TrainSettings:
     epochs: int = 1
     batch_size: int = 16
     max_length: int = 128
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     seed: int = 0
     unfrozen: Sequence[str] = ("deltas", "classifier")
 

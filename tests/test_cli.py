@@ -58,7 +58,7 @@ def test_train_real_minilm_on_bbc_news_and_reload(tmp_path):
     """A small budget of the main job: accuracy well above chance (0.2), and the saved
     checkpoint reproduces the command's predictions on a fresh backbone."""
     out = tmp_path / "delta"
-    result = run_cli("train", "--train-size", "240", "--test-size", "100", "--max-length", "64",
+    result = run_cli("train", "--train-size", "240", "--test-size", "100", "--max-length", "64", "--lr", "1e-2",
                      "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "accuracy:" in result.stdout and "checkpoint:" in result.stdout
