@@ -507,6 +507,13 @@ class SaveLoadMixin:
                           "Face Hub", stacklevel=2)
         if push_to_hub and not repo_id:
             raise ValueError("push_to_hub=True needs repo_id='org/name'")
+        from .distributed import has_sharded_parameters, save_finetuned_distributed
+
+        if state_dict is None and has_sharded_parameters(self.backbone_model):
+            # FSDP2: a collective; every rank gathers the delta's shards, rank 0 writes.
+            return save_finetuned_distributed(
+                self, finetuned_delta_path, save_config=save_config, push_to_hub=push_to_hub,
+                repo_id=repo_id, private=private, token=token, commit_message=commit_message)
         save_id = uuid.uuid4().hex
         tensors = self._prepare_state_dict(state_dict)
         writers = {WEIGHTS_NAME: self._weights_writer(
