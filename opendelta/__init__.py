@@ -11,9 +11,20 @@ from .registry import get_delta_class, known_delta_types, register_delta
 from .delta_models import *  # noqa: F401,F403  (registers every method)
 from .delta_models import __all__ as _method_names
 from .auto_delta import AutoDeltaConfig, AutoDeltaModel
+from .routing import route
 from .utils.structure_mapping import CommonStructureMap
-from .utils.inspect import inspect_module_statistics
+from .utils.inspect import inspect_module_statistics, inspect_optimizer_statistics
 
 __all__ = ["__version__", "AutoDeltaConfig", "AutoDeltaModel", "BaseDeltaConfig", "CommonStructureMap",
            "DeltaBase", "DeltaLayer", "get_delta_class", "inspect_module_statistics",
-           "known_delta_types", "register_delta", *_method_names]
+           "inspect_optimizer_statistics", "known_delta_types", "register_delta", "route", "Visualization",
+           *_method_names]
+
+
+def __getattr__(name: str):
+    # Visualization draws with rich: imported on first use, not by ``import opendelta``.
+    if name == "Visualization":
+        from .utils.visualization import Visualization
+
+        return Visualization
+    raise AttributeError(f"module 'opendelta' has no attribute {name!r}")

@@ -16,6 +16,8 @@ from torch import nn
 
 from .delta_configs import BaseDeltaConfig
 from .delta_layer import DeltaLayer, attach_layer, detach_layer, is_delta_parameter_name
+from .merging import MergeMixin
+from .utils.saving_loading import SaveLoadMixin
 from .utils.name_based_addressing import (closest_names, endswith_in, is_child_key,
                                           is_regex_key, strip_regex_marker)
 from .utils.structure_mapping import CommonStructureMap
@@ -52,7 +54,7 @@ def _legacy_common_key(key: str) -> Tuple[str, bool]:
     return (key.replace("@", ""), True) if "@" in key else (key, False)
 
 
-class DeltaBase(nn.Module):
+class DeltaBase(SaveLoadMixin, MergeMixin, nn.Module):
     """Base class of all delta models.
 
     Subclasses set the class attributes below and implement :meth:`add_delta`; their
@@ -72,6 +74,9 @@ class DeltaBase(nn.Module):
             implied when ``modified_modules`` is ``None``.
         interactive_modify: pick the modules in a web page (``True`` or a port number).
         backend: training engine; ``"hf"`` (plain PyTorch / transformers).
+        delta_dtype: dtype of the new delta parameters, e.g. ``torch.float32`` to keep
+            trainable deltas in full precision on a bf16/fp16 backbone (run the forward
+            under ``torch.autocast``); default ``None``: each target's own dtype.
         name: name of this delta, used to route examples to it; default the method's.
         **hyperparameters: fields of ``config_class``.
 
@@ -95,7 +100,7 @@ class DeltaBase(nn.Module):
                  common_structure: Optional[bool] = None,
                  interactive_modify: Union[bool, int] = False, backend: str = "hf",
                  name: Optional[str] = None, config: Optional[BaseDeltaConfig] = None,
-                 **hyperparameters: Any):
+                 delta_dtype: Optional["torch.dtype"] = None, **hyperparameters: Any):
         super().__init__()
         if not isinstance(backbone_model, nn.Module):
             raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}")
@@ -117,6 +122,10 @@ class DeltaBase(nn.Module):
         self.__dict__["backbone_model"] = backbone_model
         self.backend = backend
         self.name = name or self.delta_type
+        if delta_dtype is not None and not getattr(delta_dtype, "is_floating_point", False):
+            raise ValueError(f"delta_dtype must be a floating torch.dtype such as torch.float32, "
+                             f"got {delta_dtype!r}")
+        self.delta_dtype = delta_dtype
 
         if interactive_modify and modified_modules is not None:
             raise ValueError("pass either modified_modules or interactive_modify, not both")
@@ -311,6 +320,7 @@ class DeltaBase(nn.Module):
         """Register ``layer`` on the module called ``host_name`` and hook it in."""
         host = self.backbone_model.get_submodule(host_name) if host_name else self.backbone_model
         child_name = child_name or self.layer_attr
+        layer.delta_name = self.name  # a plain str: deepcopy / pickle keep it; route() reads it
         attach_layer(host, child_name, layer)
         self._layers.append((host_name, child_name, layer))
         self._hosts[host_name] = host
@@ -322,13 +332,14 @@ class DeltaBase(nn.Module):
             sizes = probe_sizes(self.backbone_model, [name])[name]
         return sizes
 
-    @staticmethod
-    def factory_kwargs(module: nn.Module) -> Dict[str, Any]:
-        """``device`` and ``dtype`` of ``module``'s first floating parameter (new deltas match)."""
+    def factory_kwargs(self, module: nn.Module) -> Dict[str, Any]:
+        """``device`` and ``dtype`` for new deltas on ``module``: those of its first floating
+        parameter, the dtype overridden by ``delta_dtype`` when given."""
+        dtype = getattr(self, "delta_dtype", None)
         for p in module.parameters():
             if p.is_floating_point():
-                return {"device": p.device, "dtype": p.dtype}
-        return {}
+                return {"device": p.device, "dtype": dtype or p.dtype}
+        return {"dtype": dtype} if dtype is not None else {}
 
     # ------------------------------------------------------------------ attach / detach
     @property
@@ -347,6 +358,7 @@ class DeltaBase(nn.Module):
         self._check_module(module)
         if not self._attached:
             return
+        self._prepare_detach()  # a merged delta is unmerged first (see opendelta.merging)
         for host_name, _, layer in self._layers:
             detach_layer(self._hosts[host_name], layer)
         self._attached = False
@@ -361,6 +373,7 @@ class DeltaBase(nn.Module):
         for host_name, child_name, layer in self._layers:
             attach_layer(self._hosts[host_name], child_name, layer)
         self._attached = True
+        self._finish_attach()  # re-merges what detach() unmerged (see opendelta.merging)
         if reset_state_dict and self._sets_state_dict:
             set_trainable_state_dict(self.backbone_model, True)
 

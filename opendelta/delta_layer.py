@@ -12,6 +12,7 @@ ones) run in the order they were added; layers acting *before* it run last-added
 from __future__ import annotations
 
 import itertools
+from contextvars import ContextVar
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -25,6 +26,17 @@ _SEQUENCE = itertools.count()
 HOST_LAYERS = "_opendelta_layers"
 #: attribute on a host module holding the handles of the two dispatch hooks.
 HOST_HANDLES = "_opendelta_hook_handles"
+#: attributes on a host module: child names of the layers its pre-hook / post-hook run, in
+#: run order, precomputed by :func:`_rehook` so the hot path does no filtering or sorting.
+#: Merged layers (folded into the host's weights) are left out.
+HOST_PRE = "_opendelta_pre_layers"
+HOST_POST = "_opendelta_post_layers"
+#: the per-example routing in force (an :class:`opendelta.routing.Routing`), set by
+#: :func:`opendelta.route`; ``None``: every attached delta runs on every example.
+ROUTING: ContextVar[Any] = ContextVar("opendelta_routing", default=None)
+#: number of ``route`` blocks open in any thread. The hot path tests this plain int first:
+#: cheaper than the ContextVar, and traceable by ``torch.compile`` (ContextVar.get is not).
+ROUTING_BLOCKS = 0
 
 
 class DeltaLayer(nn.Module):
@@ -37,6 +49,12 @@ class DeltaLayer(nn.Module):
 
     uses_pre_hook: bool = False
     uses_post_hook: bool = True
+    #: name of the delta model that inserted this layer (``DeltaBase.name``, set by
+    #: ``DeltaBase.insert_layer``); :func:`opendelta.route` selects layers by it.
+    delta_name: Optional[str] = None
+    #: whether :func:`opendelta.route` may run this layer on a subset of the batch rows.
+    #: Layers that change the sequence length (prefixes, soft prompts) set it to False.
+    supports_routing: bool = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -100,45 +118,64 @@ def replace_primary_input(args: Tuple[Any, ...], kwargs: Dict[str, Any], tensor:
 
 
 # --------------------------------------------------------------------------- dispatch hooks
+# The two hooks below run on every forward of every modified module: they read precomputed
+# name tuples and do nothing else unless a routing is in force (one global int test).
 def _run_pre_hooks(host: nn.Module, args, kwargs):
+    if ROUTING_BLOCKS:
+        routing = ROUTING.get()
+        if routing is not None:
+            from .routing import routed_pre_hooks
+
+            return routed_pre_hooks(host, host.__dict__[HOST_PRE], args, kwargs, routing)
     changed = False
     children = host._modules
-    # Last added runs first for layers acting before the host.
-    for name in reversed(host.__dict__[HOST_LAYERS]):
-        layer = children[name]
-        if layer.uses_pre_hook:
-            result = layer.pre_forward(host, args, kwargs)
-            if result is not None:
-                args, kwargs = result
-                changed = True
+    # Already in run order: last added first for layers acting before the host.
+    for name in host.__dict__[HOST_PRE]:
+        result = children[name].pre_forward(host, args, kwargs)
+        if result is not None:
+            args, kwargs = result
+            changed = True
     return (args, kwargs) if changed else None
 
 
 def _run_post_hooks(host: nn.Module, args, kwargs, output):
+    if ROUTING_BLOCKS:
+        routing = ROUTING.get()
+        if routing is not None:
+            from .routing import routed_post_hooks
+
+            return routed_post_hooks(host, host.__dict__[HOST_POST], args, kwargs, output, routing)
     children = host._modules
-    for name in host.__dict__[HOST_LAYERS]:
-        layer = children[name]
-        if layer.uses_post_hook:
-            output = layer.post_forward(host, args, kwargs, output)
+    for name in host.__dict__[HOST_POST]:
+        output = children[name].post_forward(host, args, kwargs, output)
     return output
 
 
 def _rehook(host: nn.Module) -> None:
-    """(Re)register the dispatch hooks of ``host`` to match its attached layers."""
+    """(Re)register the dispatch hooks of ``host`` to match its attached, unmerged layers."""
     for handle in getattr(host, HOST_HANDLES, ()):
         handle.remove()
-    layers = attached_layers(host)
-    if not layers:
-        for attr in (HOST_LAYERS, HOST_HANDLES):
+    names = host.__dict__.get(HOST_LAYERS, ())
+    if not names:
+        for attr in (HOST_LAYERS, HOST_HANDLES, HOST_PRE, HOST_POST):
             if attr in host.__dict__:
                 delattr(host, attr)
         return
+    active = [(n, host._modules[n]) for n in names if not getattr(host._modules[n], "merged", False)]
+    pre = tuple(n for n, layer in reversed(active) if layer.uses_pre_hook)
+    post = tuple(n for n, layer in active if layer.uses_post_hook)
+    host.__dict__[HOST_PRE], host.__dict__[HOST_POST] = pre, post
     handles = []
-    if any(layer.uses_pre_hook for layer in layers):
+    if pre:
         handles.append(host.register_forward_pre_hook(_run_pre_hooks, with_kwargs=True))
-    if any(layer.uses_post_hook for layer in layers):
+    if post:
         handles.append(host.register_forward_hook(_run_post_hooks, with_kwargs=True))
     host.__dict__[HOST_HANDLES] = tuple(handles)
+
+
+def refresh_hooks(host: nn.Module) -> None:
+    """Re-derive ``host``'s dispatch hooks after a layer's ``merged`` flag changed."""
+    _rehook(host)
 
 
 def attach_layer(host: nn.Module, name: str, layer: DeltaLayer) -> None:

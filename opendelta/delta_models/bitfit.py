@@ -9,7 +9,7 @@ one backbone; where it has none (T5, Llama), it is the bias the layer lacked.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from torch import nn
 from ..basemodel import DeltaBase
 from ..delta_configs import BaseDeltaConfig
 from ..delta_layer import DeltaLayer, primary_tensor, replace_primary_tensor
+from ..merging import MergeableLayer, Update
 from ..registry import registered
 from ..utils.shapes import is_linear_like, is_norm, leaf_sizes
 
@@ -28,12 +29,16 @@ class BitFitConfig(BaseDeltaConfig):
     delta_type = "bitfit"
 
 
-class BiasLayer(DeltaLayer):
+class BiasLayer(MergeableLayer, DeltaLayer):
     """An additive bias on a module's output.
 
     Shapes: ``bias`` ``[features]``, added along the last dimension (``channel_dim=-1``) or,
-    for convolutions, along dimension 1.
+    for convolutions, along dimension 1. Mergeable into the host's own ``bias``; where the
+    host has none, only ``merge_and_detach`` creates one (see :mod:`opendelta.merging`).
     """
+
+    #: module types whose forward reads ``self.bias``, so a created bias takes effect.
+    BIAS_READERS = (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm)
 
     def __init__(self, features: int, channel_dim: int = -1, device: Any = None, dtype: Any = None):
         super().__init__()
@@ -45,7 +50,33 @@ class BiasLayer(DeltaLayer):
         bias = self.bias
         if self.channel_dim != -1:
             bias = bias.view(-1, *([1] * (hidden.dim() - 2)))
-        return replace_primary_tensor(output, hidden + bias)
+        # In the hidden states' dtype: an fp32 bias (delta_dtype) must not promote a bf16
+        # stream to fp32 (the next LayerNorm would reject it, even under autocast).
+        return replace_primary_tensor(output, hidden + bias.to(hidden.dtype))
+
+    # ------------------------------------------------------------------ merging
+    def merge_problem(self, host: nn.Module, create_missing: bool = False) -> Optional[str]:
+        bias = getattr(host, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            if bias.shape != self.bias.shape:
+                return f"its bias has shape {tuple(bias.shape)}, the BitFit delta {tuple(self.bias.shape)}"
+            return None
+        if not create_missing:
+            return (f"{type(host).__name__} has no bias to fold the BitFit delta into; "
+                    "merge_and_detach() creates one where the module's forward uses it, "
+                    "or keep this delta unmerged")
+        if not isinstance(host, self.BIAS_READERS) or "bias" not in host._parameters:
+            return (f"{type(host).__name__} has no bias and its forward would not read one; "
+                    "keep this BitFit delta unmerged (or exclude such modules)")
+        return None
+
+    def merge_updates(self, host: nn.Module, create_missing: bool = False) -> List[Update]:
+        if getattr(host, "bias", None) is None and create_missing:
+            # A new backbone parameter, at zero, trainable like the module's weight.
+            weight = getattr(host, "weight", None)
+            grad = weight.requires_grad if isinstance(weight, torch.Tensor) else False
+            host.bias = nn.Parameter(torch.zeros_like(self.bias.detach()), requires_grad=grad)
+        return [(host.bias, self.bias.detach().to(host.bias.dtype))]
 
 
 def biasable_layers(name: str, module: nn.Module) -> List[Tuple[str, nn.Module]]:

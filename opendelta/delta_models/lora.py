@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,9 @@ from torch import nn
 from ..basemodel import DeltaBase
 from ..delta_configs import BaseDeltaConfig
 from ..delta_layer import DeltaLayer
+from ..merging import MergeableLayer, Update
 from ..registry import registered
-from ..utils.shapes import is_linear_like
+from ..utils.shapes import is_conv1d_transposed, is_linear_like
 
 
 @dataclass
@@ -41,11 +42,13 @@ class LoraConfig(BaseDeltaConfig):
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
 
 
-class LoraLayer(DeltaLayer):
+class LoraLayer(MergeableLayer, DeltaLayer):
     """The low-rank branch of one Linear-like module.
 
     Shapes: input ``[..., in_features]``; adds ``[..., out_features]`` to the host output.
     Parameters ``lora_A`` ``[r, in_features]`` and ``lora_B`` ``[out_features, r]``.
+    Mergeable into the host's weight (``nn.Linear`` ``[out, in]`` or GPT-2's ``Conv1D``
+    ``[in, out]``), see :mod:`opendelta.merging`.
     """
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16,
@@ -72,16 +75,52 @@ class LoraLayer(DeltaLayer):
         x = args[0] if args else next(iter(kwargs.values()))
         if self.lora_dropout is not None:
             x = self.lora_dropout(x)
-        low_rank = F.linear(x, self.lora_A) * self.scaling
+        low_rank = F.linear(x, self.lora_A)  # [..., r]
         if output.dim() >= 2 and low_rank.shape[:-1] == output.shape[:-1]:
-            # output + low_rank @ B^T in one fused kernel, without a separate temporary.
-            flat = torch.addmm(output.reshape(-1, output.shape[-1]),
-                               low_rank.reshape(-1, self.r), self.lora_B.t())
+            # output + scaling * low_rank @ B^T in one fused kernel: no [..., out] temporary
+            # and no separate scaling pass (addmm's alpha; autograd supports it).
+            flat = torch.addmm(output.reshape(-1, output.shape[-1]), low_rank.reshape(-1, self.r),
+                               self.lora_B.t(), alpha=self.scaling)
             return flat.view(output.shape)
-        return output + F.linear(low_rank, self.lora_B)
+        return output + F.linear(low_rank * self.scaling, self.lora_B)
+
+    def routed_update(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> torch.Tensor:
+        """What this layer adds to the host's output for the (row-sliced) call: routing
+        (:mod:`opendelta.routing`) index-adds it to the rows routed to this delta."""
+        return self.delta(args[0] if args else next(iter(kwargs.values())))
+
+    # ------------------------------------------------------------------ merging
+    def delta_weight(self) -> torch.Tensor:
+        """``B @ A * scaling``, ``[out_features, in_features]`` (computed in fp32 for
+        half-precision weights, then cast back)."""
+        A, B = self.lora_A, self.lora_B
+        if A.dtype in (torch.float16, torch.bfloat16):
+            return (B.float() @ A.float() * self.scaling).to(A.dtype)
+        return B @ A * self.scaling
+
+    def merge_problem(self, host: nn.Module, create_missing: bool = False) -> Optional[str]:
+        weight = getattr(host, "weight", None)
+        expected = (self.lora_A.shape[1], self.lora_B.shape[0])
+        if is_conv1d_transposed(host):
+            shape = expected
+        elif isinstance(host, nn.Linear):
+            shape = expected[::-1]
+        else:
+            return f"LoRA merges into nn.Linear and Conv1D only, not {type(host).__name__}"
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            return f"its weight is not a floating-point tensor ({type(weight).__name__})"
+        if tuple(weight.shape) != shape:
+            return f"its weight has shape {tuple(weight.shape)}, the LoRA update {shape}"
+        return None
+
+    def merge_updates(self, host: nn.Module, create_missing: bool = False) -> List[Update]:
+        with torch.no_grad():
+            update = self.delta_weight().to(host.weight.dtype)
+        # Conv1D stores its weight as [in, out].
+        return [(host.weight, update.t() if is_conv1d_transposed(host) else update)]
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}"
+        return f"r={self.r}, alpha={self.alpha}" + (", merged" if self.merged else "")
 
 
 @registered()

@@ -1,0 +1,235 @@
+"""merge / unmerge / merge_and_detach for the mergeable methods (LoRA, BitFit).
+
+Tolerances: merged and unmerged outputs agree within 1e-5 (absolute, fp32 logits of order
+1); ``unmerge()`` restores every weight within a relative error of 1e-6 (Frobenius norm);
+``merge(keep_copy=True)`` followed by ``unmerge()`` restores them bit for bit.
+"""
+import copy
+
+import pytest
+import torch
+
+import tiny_models as tm
+from helpers import outputs, perturb
+from opendelta import AdapterModel, BitFitModel, LoraModel
+from opendelta.delta_layer import DeltaLayer
+
+ARCHS = ["bert", "gpt2", "llama"]  # Linear with bias, Conv1D [in, out], bias-free Linear
+ATOL = 1e-5
+
+
+def _make(method, arch):
+    model = tm.build(arch, "lm")
+    if method == "lora":
+        delta = LoraModel(model)
+    elif arch == "llama":  # bias-free linears and RMSNorm: merge() refuses, see below
+        delta = BitFitModel(model, modified_modules=["ff"], common_structure=True)
+    else:
+        delta = BitFitModel(model)
+    perturb(delta, std=0.2)
+    return model, delta
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
+            if not any(s in k for s in (".lora.", ".bitfit."))}
+
+
+def _max_rel_error(model, reference):
+    state = model.state_dict()
+    return max(((state[k] - v).norm() / v.norm().clamp_min(1e-12)).item() for k, v in reference.items())
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_merge_unmerge(method, arch):
+    model, delta = _make(method, arch)
+    inputs = tm.example_inputs(arch)
+    if method == "bitfit" and arch == "llama":
+        with pytest.raises(ValueError, match="no bias to fold"):
+            delta.merge()
+        assert not delta.is_merged
+        return
+    original = _weights(model)
+    unmerged = outputs(model, inputs)
+    hooks = _hook_count(model)
+    assert hooks > 0
+
+    delta.merge()
+    assert delta.is_merged
+    assert all(layer.merged for _, layer in delta.delta_layers())
+    assert _hook_count(model) == 0  # the deltas' hooks no longer run: nothing is added twice
+    merged = outputs(model, inputs)
+    assert (merged - unmerged).abs().max() <= ATOL
+    assert _max_rel_error(model, original) > 1e-4  # the weights did change
+    delta.merge()  # idempotent
+    assert torch.allclose(outputs(model, inputs), merged, atol=0, rtol=0)
+
+    delta.unmerge()
+    assert not delta.is_merged and _hook_count(model) == hooks
+    assert _max_rel_error(model, original) <= 1e-6
+    assert (outputs(model, inputs) - unmerged).abs().max() <= ATOL
+
+    before = _weights(model)  # after a subtracting unmerge: equal to original within rounding
+    delta.merge(keep_copy=True)
+    assert (outputs(model, inputs) - unmerged).abs().max() <= ATOL
+    delta.unmerge()
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_detach_attach_while_merged_is_exact(arch):
+    model, delta = _make("lora", arch)
+    inputs = tm.example_inputs(arch)
+    delta.detach()
+    base, original = outputs(model, inputs), _weights(model)
+    delta.attach()
+    delta.merge(keep_copy=True)
+    merged_weights, merged = _weights(model), outputs(model, inputs)
+
+    delta.detach()  # defined: unmerge (exact with keep_copy), then detach
+    assert not delta.is_merged
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in original.items())
+    assert torch.equal(outputs(model, inputs), base)
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+
+    delta.attach()  # defined: re-merge with the same options: same weights, bit for bit
+    assert delta.is_merged and _hook_count(model) == 0
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in merged_weights.items())
+    assert torch.equal(outputs(model, inputs), merged)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_merge_and_detach_leaves_a_plain_backbone(method, arch):
+    model, delta = _make(method, arch)
+    delta.freeze_module()
+    inputs = tm.example_inputs(arch)
+    unmerged = outputs(model, inputs)
+    n_params = len(dict(model.named_parameters()))
+    n_delta = len(dict(delta.named_parameters()))
+
+    returned = delta.merge_and_detach()
+    assert returned is model
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert not any(k.startswith("_opendelta") for m in model.modules() for k in m.__dict__)
+    assert not any(".lora." in k or ".bitfit." in k for k in model.state_dict())
+    # The state-dict filter is gone: the full backbone is saved again.
+    assert set(model.state_dict()) >= {n for n, _ in model.named_parameters()}
+    assert (outputs(model, inputs) - unmerged).abs().max() <= ATOL
+    created = len(dict(model.named_parameters())) - (n_params - n_delta)
+    if method == "bitfit" and arch == "llama":
+        assert created == n_delta > 0  # the biases the feed-forward Linears lacked
+        assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj").bias, torch.nn.Parameter)
+    else:
+        assert created == 0
+    copy.deepcopy(model)  # a plain module: copies and pickles
+    with pytest.raises(RuntimeError, match="merge_and_detach"):
+        delta.attach()
+    assert not delta.is_attached
+
+
+def test_bitfit_on_rmsnorm_refuses_even_merge_and_detach():
+    model = tm.build("llama", "lm")
+    delta = BitFitModel(model, modified_modules=["layer_norm"], common_structure=True)
+    with pytest.raises(ValueError, match="forward would not read one"):
+        delta.merge_and_detach()
+    assert all(not layer.merged for _, layer in delta.delta_layers())
+    assert all(not hasattr(m, "bias") or m.bias is None
+               for n, m in model.named_modules() if n.endswith("layernorm"))
+
+
+def test_non_mergeable_delta_refuses():
+    model = tm.build("bert", "lm")
+    delta = AdapterModel(model)
+    with pytest.raises(TypeError, match="AdapterLayer .* not a linear re-parameterisation"):
+        delta.merge()
+    with pytest.raises(TypeError, match="cannot be merged"):
+        delta.merge_and_detach()
+    assert _hook_count(model) > 0 and delta.is_attached
+
+
+def test_safe_merge_refuses_non_finite_weights_and_changes_nothing():
+    model, delta = _make("lora", "bert")
+    original = _weights(model)
+    layer = delta.delta_layers()[-1][1]
+    with torch.no_grad():
+        layer.lora_B[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        delta.merge(safe=True)
+    assert not delta.is_merged
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in original.items())
+
+
+def test_merge_detached_delta_raises():
+    model, delta = _make("lora", "bert")
+    delta.detach()
+    with pytest.raises(RuntimeError, match="attach"):
+        delta.merge()
+
+
+def test_merged_lora_next_to_unmerged_adapter_on_one_module():
+    """A merged layer is skipped by the dispatcher while its neighbour still runs."""
+    model = tm.build("bert", "lm")
+    inputs = tm.example_inputs("bert")
+    lora = LoraModel(model, modified_modules=["attn.proj"], common_structure=True)
+    adapter = AdapterModel(model, modified_modules=["attn.proj"], common_structure=True)
+    perturb(lora, seed=1)
+    perturb(adapter, seed=2)
+    both = outputs(model, inputs)
+    lora.merge()
+    host = model.get_submodule("bert.encoder.layer.0.attention.output.dense")
+    assert len(host._forward_hooks) == 1 and host._opendelta_post_layers == ("adapter",)
+    assert (outputs(model, inputs) - both).abs().max() <= ATOL
+    adapter.detach()
+    lora.unmerge()
+    adapter.attach()
+    assert (outputs(model, inputs) - both).abs().max() <= ATOL
+
+
+def test_two_merged_deltas_unmerged_out_of_order():
+    """Copies are used only while valid: out-of-order unmerges fall back to subtraction."""
+    model = tm.build("bert", "lm")
+    inputs = tm.example_inputs("bert")
+    original = _weights(model)
+    first = LoraModel(model, name="first")
+    second = LoraModel(model, name="second")
+    perturb(first, seed=1)
+    perturb(second, seed=2)
+    both = outputs(model, inputs)
+    first.merge(keep_copy=True)
+    second.merge(keep_copy=True)
+    assert (outputs(model, inputs) - both).abs().max() <= ATOL
+    first.unmerge()  # not the last merged: subtracts; second's copy is now stale
+    second.unmerge()
+    assert _max_rel_error(model, original) <= 1e-6
+    assert (outputs(model, inputs) - both).abs().max() <= ATOL
+
+
+def test_merge_on_meta_device_and_half_precision():
+    import transformers as tf
+
+    config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, vocab_size=96)
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(config)
+    delta = LoraModel(model)
+    delta.merge()
+    assert delta.is_merged and model.model.layers[0].self_attn.q_proj.weight.is_meta
+
+    model = tm.build("gpt2", "lm").to(torch.bfloat16)
+    delta = LoraModel(model)
+    perturb(delta, std=0.2)
+    original = _weights(model)
+    delta.merge(keep_copy=True)
+    delta.unmerge()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
