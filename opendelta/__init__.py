@@ -14,9 +14,13 @@ from .auto_delta import AutoDeltaConfig, AutoDeltaModel
 from .routing import route
 from .utils.structure_mapping import CommonStructureMap
 from .utils.inspect import inspect_module_statistics, inspect_optimizer_statistics
+from .utils.checkpoint_files import BackboneHashWarning, CheckpointError
+from .utils.model_hash import gen_model_hash, gen_parameter_hash
+from .utils.peft_interop import load_peft_lora, save_peft_lora
 
-__all__ = ["__version__", "AutoDeltaConfig", "AutoDeltaModel", "BaseDeltaConfig", "CommonStructureMap",
-           "DeltaBase", "DeltaLayer", "get_delta_class", "inspect_module_statistics",
+__all__ = ["__version__", "AutoDeltaConfig", "AutoDeltaModel", "BackboneHashWarning", "BaseDeltaConfig",
+           "CheckpointError", "CommonStructureMap", "DeltaBase", "DeltaLayer", "gen_model_hash",
+           "gen_parameter_hash", "get_delta_class", "inspect_module_statistics", "load_peft_lora", "save_peft_lora",
            "inspect_optimizer_statistics", "known_delta_types", "register_delta", "route", "Visualization",
            *_method_names]
 

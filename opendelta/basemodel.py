@@ -12,6 +12,7 @@ import inspect
 import re
 from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
+import torch
 from torch import nn
 
 from .delta_configs import BaseDeltaConfig

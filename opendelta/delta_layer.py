@@ -77,6 +77,22 @@ class DeltaLayer(nn.Module):
             "modifies. Call the backbone model instead.")
 
 
+class OutputAdapterLayer(DeltaLayer):
+    """A layer that transforms its host's hidden-state output with :meth:`adapt`.
+
+    The host's output may be a tensor or a tuple whose first element is the hidden states;
+    only those are changed. Adapter, LowRankAdapter and Compacter layers are of this kind.
+    """
+
+    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., hidden] -> [..., hidden]``."""
+        raise NotImplementedError
+
+    def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                     output: Any) -> Any:
+        return replace_primary_tensor(output, self.adapt(primary_tensor(output)))
+
+
 # --------------------------------------------------------------------------- hidden states
 def primary_tensor(value: Any) -> torch.Tensor:
     """The hidden-state tensor inside a module output: the tensor itself or element 0."""

@@ -261,6 +261,22 @@ def test_fp32_deltas_on_low_precision_backbone_under_autocast(arch, dtype):
     assert out.logits.dtype == dtype  # the stream stays in the backbone's dtype
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_fp32_deltas_on_bf16_backbone_without_autocast(arch):
+    """Without autocast, float32 deltas compute in float32 and hand back the stream's dtype;
+    their contribution equals the same deltas computed by hand in float32."""
+    model, deltas = _mixed(arch, torch.bfloat16)
+    inputs = tiny_models.example_inputs(arch, "lm")
+    inputs["labels"] = inputs["input_ids"]
+    out = _finite_training_step(model, deltas, inputs)
+    assert out.logits.dtype == torch.bfloat16
+    lora_layer = next(layer for _, layer in deltas[0].delta_layers())
+    x = torch.randn(3, lora_layer.lora_A.shape[1], dtype=torch.bfloat16)
+    expected = (x.float() @ lora_layer.lora_A.t() @ lora_layer.lora_B.t() * lora_layer.scaling).bfloat16()
+    zero = torch.zeros(3, lora_layer.lora_B.shape[0], dtype=torch.bfloat16)
+    assert torch.equal(lora_layer.post_forward(None, (x,), {}, zero), expected)
+
+
 def test_bf16_autocast_on_fp32_model_is_close_to_fp32():
     model, deltas = _llama_with_deltas()
     inputs = _lm_inputs()

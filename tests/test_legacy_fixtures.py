@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from opendelta import AutoDeltaModel, BitFitModel
-from opendelta.utils.saving_loading import BackboneHashWarning, CheckpointError
+from opendelta.utils.checkpoint_files import BackboneHashWarning, CheckpointError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "..", "shared", "fixtures", "opendelta-0.3.2")

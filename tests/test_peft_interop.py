@@ -9,7 +9,7 @@ import tiny_models as tm
 from helpers import outputs, perturb
 from opendelta import AutoDeltaModel, LoraModel
 from opendelta.utils.peft_interop import load_peft_lora, save_peft_lora
-from opendelta.utils.saving_loading import CheckpointError
+from opendelta.utils.checkpoint_files import CheckpointError
 
 peft = pytest.importorskip("peft")
 

@@ -17,7 +17,7 @@ import tiny_models as tm
 from helpers import outputs, perturb
 from opendelta import AdapterModel, AutoDeltaConfig, AutoDeltaModel, LoraModel, get_delta_class
 from opendelta.utils.model_hash import gen_model_hash, gen_parameter_hash
-from opendelta.utils.saving_loading import BackboneHashWarning, CheckpointError
+from opendelta.utils.checkpoint_files import BackboneHashWarning, CheckpointError
 
 ARCHS = ["bert", "gpt2", "t5", "llama"]
 #: hyperparameters that fit the tiny models (hidden 32, 64 positions); others use defaults.

@@ -6,14 +6,14 @@ std 0.01, zero biases), so a fresh adapter is close to the identity.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..basemodel import DeltaBase
 from ..delta_configs import BaseDeltaConfig
-from ..delta_layer import DeltaLayer, primary_tensor, replace_primary_tensor
+from ..delta_layer import OutputAdapterLayer
 from ..registry import registered
 from ..utils.activations import check_activation, get_activation
 
@@ -35,7 +35,7 @@ class AdapterConfig(BaseDeltaConfig):
         check_activation(self.non_linearity)
 
 
-class AdapterLayer(DeltaLayer):
+class AdapterLayer(OutputAdapterLayer):
     """Bottleneck adapter on a module's output.
 
     Shapes: host output ``[..., hidden_dim]`` (or a tuple whose first element is) ->
@@ -56,10 +56,12 @@ class AdapterLayer(DeltaLayer):
                 nn.init.zeros_(linear.bias)
 
     def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.modulelist.down_proj.weight
+        if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            # Deltas kept in another dtype (``delta_dtype``) outside autocast: compute in theirs.
+            return hidden + self.modulelist(hidden.to(weight.dtype)).to(hidden.dtype)
         return hidden + self.modulelist(hidden)
 
-    def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
-        return replace_primary_tensor(output, self.adapt(primary_tensor(output)))
 
 
 @registered()

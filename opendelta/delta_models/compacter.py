@@ -26,7 +26,7 @@ from torch import nn
 
 from ..basemodel import DeltaBase
 from ..delta_configs import BaseDeltaConfig
-from ..delta_layer import DeltaLayer, primary_tensor, replace_primary_tensor
+from ..delta_layer import OutputAdapterLayer
 from ..registry import registered
 from ..utils.activations import check_activation, get_activation
 from .low_rank_adapter import bottleneck_size, glorot_init_
@@ -209,7 +209,7 @@ class PHMLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.b is not None}"
 
 
-class CompacterLayer(DeltaLayer):
+class CompacterLayer(OutputAdapterLayer):
     """Hypercomplex adapter on a module's output with a residual connection.
 
     Shapes: host output ``[..., hidden]`` (or a tuple whose first element is) -> same shape.
@@ -227,8 +227,6 @@ class CompacterLayer(DeltaLayer):
         """``hidden + up(act(down(hidden)))``."""
         return self.up_sampler(self.activation(self.down_sampler(hidden))) + hidden
 
-    def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
-        return replace_primary_tensor(output, self.adapt(primary_tensor(output)))
 
 
 @registered(aliases=["compactor"])

@@ -73,10 +73,13 @@ class LoraLayer(MergeableLayer, DeltaLayer):
     def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
                      output: torch.Tensor) -> torch.Tensor:
         x = args[0] if args else next(iter(kwargs.values()))
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            # Deltas kept in another dtype (``delta_dtype``) outside autocast: compute in theirs.
+            return output + self.delta(x.to(self.lora_A.dtype)).to(output.dtype)
         if self.lora_dropout is not None:
             x = self.lora_dropout(x)
         low_rank = F.linear(x, self.lora_A)  # [..., r]
-        if output.dim() >= 2 and low_rank.shape[:-1] == output.shape[:-1]:
+        if output.dim() >= 2 and low_rank.shape[:-1] == output.shape[:-1] and low_rank.dtype == output.dtype:
             # output + scaling * low_rank @ B^T in one fused kernel: no [..., out] temporary
             # and no separate scaling pass (addmm's alpha; autograd supports it).
             flat = torch.addmm(output.reshape(-1, output.shape[-1]), low_rank.reshape(-1, self.r),

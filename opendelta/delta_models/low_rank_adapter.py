@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..basemodel import DeltaBase
 from ..delta_configs import BaseDeltaConfig
-from ..delta_layer import DeltaLayer, primary_tensor, replace_primary_tensor
+from ..delta_layer import OutputAdapterLayer
 from ..registry import registered
 from ..utils.activations import check_activation, get_activation
 
@@ -103,7 +103,7 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-class LowRankAdapterLayer(DeltaLayer):
+class LowRankAdapterLayer(OutputAdapterLayer):
     """Adapter on a module's output with low-rank projections and a residual connection.
 
     Shapes: host output ``[..., hidden]`` (or a tuple whose first element is) -> same shape.
@@ -125,8 +125,6 @@ class LowRankAdapterLayer(DeltaLayer):
         """``hidden + up(act(down(hidden)))``."""
         return self.up_sampler(self.activation(self.down_sampler(hidden))) + hidden
 
-    def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
-        return replace_primary_tensor(output, self.adapt(primary_tensor(output)))
 
 
 @registered(aliases=["lowrankadapter", "low_rank_adapter", "lowrank_adapter"])

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from ..delta_layer import iter_delta_layers
-from .saving_loading import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, _remove_new_layers,
-                             read_weights, write_files_atomically)
+from .checkpoint_files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_weights,
+                               write_files_atomically)
+from .saving_loading import _remove_new_layers
 from .shapes import is_conv1d_transposed
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -28,13 +28,8 @@ adapters saved by PEFT (``adapter_config.json``), see :mod:`opendelta.utils.peft
 """
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 import uuid
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
@@ -45,256 +40,20 @@ from torch import nn
 from ..delta_configs import BaseDeltaConfig
 from ..delta_layer import detach_layer, is_delta_parameter_name, iter_delta_layers
 from .model_hash import gen_model_hash, has_meta_parameters, is_comparable_hash
+from .checkpoint_files import (CONFIG_NAME, PEFT_CONFIG_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
+                               BackboneHashWarning, CheckpointError, PathLike, _short_list,
+                               library_versions, read_config_file, read_weights, weights_file,
+                               write_files_atomically)
+from .hub import push_checkpoint_to_hub, resolve_checkpoint_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..basemodel import DeltaBase
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-#: files fetched from the Hub for a checkpoint (whichever exist).
-HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME,
-             "adapter_model.bin"]
-#: safetensors metadata / config key tying a weights file to its config.json.
-SAVE_ID_KEY = "opendelta_save_id"
-STRUCTURE_HASH_KEY = "backbone_structure_hash"
 #: arguments of the original ``save_finetuned`` for its (discontinued) DeltaCenter.
 _DELTA_CENTER_ARGS = ("push_to_dc", "center_args", "center_args_pool", "list_tags", "dict_tags",
                       "delay_push")
-
-PathLike = Union[str, "os.PathLike[str]"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the backbone (the message says why)."""
-
-
-class BackboneHashWarning(UserWarning):
-    """The backbone differs from the one the checkpoint was trained on."""
-
-
-# =========================================================================== small helpers
-def library_versions() -> Dict[str, str]:
-    """Versions of the libraries that matter to a checkpoint, read without importing them."""
-    from ..version import __version__
-
-    out = {"opendelta_version": __version__, "torch_version": torch.__version__.split("+")[0]}
-    for package in ("transformers", "safetensors"):
-        try:
-            out[f"{package}_version"] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _short_list(names: List[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_files_atomically(directory: PathLike, writers: Dict[str, Callable[[str], None]]) -> str:
-    """Write the files of a checkpoint so that a crash never leaves a half-written one.
-
-    Args:
-        directory: the checkpoint directory (created if absent).
-        writers: file name -> function writing that file at the path it is given. Files
-            are put in place in this order (put the config last).
-
-    A new directory is filled under a temporary name and renamed into place. In an
-    existing directory every file is first written to a temporary file next to it, then
-    renamed over the old one; other files in the directory are kept.
-    """
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise CheckpointError(f"cannot save a checkpoint to {directory}: it is a file; pass a directory")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    if not os.path.exists(directory):
-        tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-        try:
-            os.chmod(tmp_dir, 0o755)
-            for name, write in writers.items():
-                target = os.path.join(tmp_dir, name)
-                write(target)
-                os.chmod(target, 0o644)
-                _fsync_file(target)
-            _fsync_dir(tmp_dir)
-            try:
-                os.replace(tmp_dir, directory)
-            except OSError:
-                if not os.path.isdir(directory):
-                    raise
-                # Created meanwhile by someone else: fall back to per-file replacement.
-                _replace_files(directory, {n: os.path.join(tmp_dir, n) for n in writers})
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        _fsync_dir(parent)
-        return directory
-    temps: Dict[str, str] = {}
-    try:
-        for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
-            os.close(fd)
-            temps[name] = tmp
-            write(tmp)
-            os.chmod(tmp, 0o644)
-            _fsync_file(tmp)
-        _replace_files(directory, temps)
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return directory
-
-
-def _replace_files(directory: str, sources: Dict[str, str]) -> None:
-    for name, source in sources.items():
-        os.replace(source, os.path.join(directory, name))
-    _fsync_dir(directory)
-
-
-# =========================================================================== reading files
-def read_config_file(directory: PathLike) -> Dict[str, Any]:
-    """The dict in ``directory/config.json``; :class:`CheckpointError` if absent or invalid."""
-    path = os.path.join(os.fspath(directory), CONFIG_NAME)
-    if not os.path.isfile(path):
-        present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-        raise CheckpointError(f"{path} is missing: a delta checkpoint directory needs {CONFIG_NAME} "
-                              f"and {WEIGHTS_NAME} (found: {present or 'nothing'})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the file is damaged") from err
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, found {type(config).__name__}")
-    return config
-
-
-def weights_file(directory: PathLike) -> str:
-    """Path of the weights file of a checkpoint directory (safetensors preferred)."""
-    directory = os.fspath(directory)
-    for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-    raise CheckpointError(f"{os.path.join(directory, WEIGHTS_NAME)} is missing: the checkpoint "
-                          f"directory {directory} holds no {WEIGHTS_NAME} (nor a legacy "
-                          f"{LEGACY_WEIGHTS_NAME}); was the save interrupted?")
-
-
-def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Tensors and metadata of a weights file (``.safetensors``, or a legacy ``.bin`` read
-    with ``torch.load(weights_only=True)``), on the CPU.
-
-    Raises:
-        CheckpointError: missing, truncated or corrupt file, or no tensor mapping inside.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing")
-    if path.endswith(".bin") or path.endswith(".pt") or path.endswith(".pth"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise CheckpointError(f"{path} cannot be read with torch.load(weights_only=True): {err}. "
-                                  "The file is damaged or holds more than tensors.") from err
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise CheckpointError(f"{path} does not hold a mapping of names to tensors")
-        return dict(state), {}
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        tensors = {}
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({err}); it is truncated or "
-                              "corrupt: save the checkpoint again") from err
-    return tensors, metadata
-
-
-# =========================================================================== resolution
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
-
-
-def looks_like_repo_id(value: str) -> bool:
-    """``"name"`` or ``"org/name"`` in the Hub's alphabet (no ``..``, no ``--``, <= 96 chars)."""
-    return bool(_REPO_ID.match(value)) and ".." not in value and "--" not in value and len(value) <= 96
-
-
-def resolve_checkpoint_dir(path_or_repo_id: PathLike, cache_dir: Optional[PathLike] = None,
-                           local_files_only: bool = False, force_download: bool = False,
-                           revision: Optional[str] = None, token: Optional[Union[str, bool]] = None) -> str:
-    """A local directory holding the checkpoint: ``path_or_repo_id`` itself, or the Hub
-    snapshot of repo ``path_or_repo_id`` (downloaded or found in the hub cache).
-
-    ``local_files_only=True`` or the environment variable ``HF_HUB_OFFLINE=1`` resolve from
-    the hub cache (``cache_dir``, default the huggingface_hub cache) without any network call.
-
-    Raises:
-        CheckpointError: a file instead of a directory, a string that is neither a directory
-            nor a repo id, or a repo that cannot be found (offline: not in the cache).
-    """
-    value = os.fspath(path_or_repo_id)
-    if os.path.isdir(value):
-        return value
-    if os.path.exists(value):
-        raise CheckpointError(f"{value} is a file; pass the checkpoint directory that holds "
-                              f"{CONFIG_NAME} and {WEIGHTS_NAME}")
-    if cache_dir is not None and os.path.isdir(os.path.join(os.fspath(cache_dir), value)):
-        return os.path.join(os.fspath(cache_dir), value)
-    if not looks_like_repo_id(value):
-        raise CheckpointError(f"{value!r} is neither an existing directory nor a Hugging Face Hub "
-                              "repo id ('org/name'); check the path")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    offline = bool(local_files_only) or _env_flag("HF_HUB_OFFLINE")
-    try:
-        return snapshot_download(repo_id=value, revision=revision, cache_dir=cache_dir,
-                                 local_files_only=offline, force_download=force_download,
-                                 token=token, allow_patterns=HUB_FILES)
-    except LocalEntryNotFoundError as err:
-        where = cache_dir or "the huggingface_hub cache"
-        raise CheckpointError(
-            f"{value!r} is not a local directory, and the Hub repo {value!r} is not in {where}"
-            + (" (offline: HF_HUB_OFFLINE or local_files_only is set)" if offline else
-               f" and could not be downloaded ({err})")) from err
-    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
-        raise CheckpointError(f"{value!r} is not a local directory, and the Hub has no such repo or "
-                              f"revision: {err}") from err
-    except HfHubHTTPError as err:
-        raise CheckpointError(f"cannot download {value!r} from the Hub: {err}") from err
 
 
 # =========================================================================== the mixin
@@ -757,26 +516,3 @@ def _remove_new_layers(backbone: nn.Module, before: set) -> None:
         host_name = name.rpartition(".")[0]
         host = backbone.get_submodule(host_name) if host_name else backbone
         detach_layer(host, layer)
-
-
-# =========================================================================== the Hub
-def push_checkpoint_to_hub(directory: PathLike, repo_id: str, private: Optional[bool] = None,
-                           token: Optional[Union[str, bool]] = None,
-                           commit_message: str = "Upload delta checkpoint") -> Any:
-    """Create Hub repo ``repo_id`` if needed and upload the checkpoint files of ``directory``.
-
-    Returns:
-        huggingface_hub's ``CommitInfo``.
-    """
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
-    return api.upload_folder(repo_id=repo_id, folder_path=os.fspath(directory), repo_type="model",
-                             allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"],
-                             commit_message=commit_message)
-
-
-__all__ = ["BackboneHashWarning", "CheckpointError", "CONFIG_NAME", "LEGACY_WEIGHTS_NAME",
-           "SaveLoadMixin", "WEIGHTS_NAME", "push_checkpoint_to_hub", "read_config_file",
-           "read_weights", "resolve_checkpoint_dir", "write_files_atomically"]
