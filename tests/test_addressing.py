@@ -1,6 +1,5 @@
 """Name-based addressing, common structure, default targets and their errors."""
 import pytest
-import torch
 from torch import nn
 
 import tiny_models as tm

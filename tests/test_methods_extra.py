@@ -1,5 +1,5 @@
-"""Method x architecture matrix for LowRankAdapter, Compacter, ParallelAdapter and SoftPrompt,
-plus generate(), composition, legacy configs and the behaviours specific to each method."""
+"""LowRankAdapter, Compacter, ParallelAdapter and SoftPrompt: generate(), composition, legacy
+configs and the behaviours specific to each method (the generic checks are in test_matrix.py)."""
 import copy
 import io
 
@@ -7,69 +7,14 @@ import pytest
 import torch
 
 import tiny_models as tm
-from helpers import outputs, perturb, trainable_names
+from helpers import outputs, perturb
+from matrix_cases import METHODS as ALL_METHODS, PROMPT, real_positions
 from opendelta import (AutoDeltaConfig, AutoDeltaModel, CompacterModel, LoraModel, LowRankAdapterModel,
                        ParallelAdapterModel, SoftPromptModel)
 
-PROMPT = 4
-METHODS = {
-    "low_rank_adapter": (LowRankAdapterModel, {}),
-    # hidden 32 // reduction_factor 16 = 2 is not divisible by hypercomplex_division 4
-    # (test_compacter_indivisible_sizes_raise); 32 // 8 = 4 is.
-    "compacter": (CompacterModel, {"reduction_factor": 8}),
-    "parallel_adapter": (ParallelAdapterModel, {}),
-    # The tiny models have 64 positions; the default 100 soft tokens are tried on models
-    # without a position table in test_soft_prompt_defaults.
-    "soft_prompt": (SoftPromptModel, {"soft_token_num": PROMPT}),
-}
-DELTA_MARKERS = ("low_rank_adapter", "compactor", "parallel_adapter", "soft_prompt")
-
-
-def real_positions(logits, method, arch):
-    """Logits of the caller's tokens (SoftPrompt adds leading positions on non-seq2seq LMs)."""
-    if method == "soft_prompt" and arch not in tm.ENCODER_DECODER:
-        return logits[:, PROMPT:]
-    return logits
-
-
-@pytest.mark.parametrize("arch", tm.ARCH_NAMES)
-@pytest.mark.parametrize("method", list(METHODS))
-def test_method_on_architecture(method, arch):
-    cls, kwargs = METHODS[method]
-    model = tm.build(arch, "lm")
-    inputs = tm.example_inputs(arch)
-    base = outputs(model, inputs)
-
-    delta = cls(backbone_model=model, **kwargs)
-    assert len(delta.delta_layers()) > 0
-    delta.freeze_module(exclude=["deltas"])
-    delta_names = {n for n, _ in delta.named_parameters()}
-    assert delta_names and trainable_names(model) == delta_names
-
-    fresh = outputs(model, inputs)
-    if method == "soft_prompt" and arch not in tm.ENCODER_DECODER:
-        assert fresh.shape[1] == base.shape[1] + PROMPT
-    else:
-        assert fresh.shape == base.shape
-
-    # Exactly the delta parameters receive gradients, and some are non-zero.
-    out = model(**inputs)
-    out.logits.float().pow(2).mean().backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == delta_names
-    assert all(p.grad.abs().sum() > 0 for _, p in delta.named_parameters())
-
-    perturb(delta)
-    tuned = outputs(model, inputs)
-    assert not torch.allclose(tuned, fresh)
-    assert not torch.allclose(real_positions(tuned, method, arch), base)
-
-    for _ in range(2):
-        delta.detach()
-        assert torch.equal(outputs(model, inputs), base)
-        assert not any(m in n for n, _ in model.named_modules() for m in DELTA_MARKERS)
-        delta.attach()
-        assert torch.equal(outputs(model, inputs), tuned)
+#: the methods this file is about (the matrix of all methods is in test_matrix.py)
+METHODS = {name: ALL_METHODS[name] for name in ("low_rank_adapter", "compacter", "parallel_adapter",
+                                                 "soft_prompt")}
 
 
 @pytest.mark.parametrize("method", list(METHODS))

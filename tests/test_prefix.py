@@ -20,37 +20,14 @@ def _attention_count(arch):
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)
-def test_prefix_on_architecture(arch):
-    model = tm.build(arch, "lm")
-    inputs = tm.example_inputs(arch)
-    base = outputs(model, inputs)
-
-    delta = PrefixModel(model, **SMALL)
+def test_one_prefix_per_attention_and_one_mlp(arch):
+    """Self-attention of every block plus the decoder's cross-attention get prefixes, all from
+    one reparameterisation MLP under OpenDelta's names (generic checks: test_matrix.py)."""
+    delta = PrefixModel(tm.build(arch, "lm"), **SMALL)
     assert len(delta.prefix_layers()) == _attention_count(arch)
-    delta.freeze_module(exclude=["deltas"])
-    delta_names = {n for n, _ in delta.named_parameters()}
-    # One MLP for all layers, under OpenDelta's names.
-    assert delta_names and all(".reparams." in n for n in delta_names)
-    assert trainable_names(model) == delta_names
-
-    out = model(**inputs)
-    out.logits.float().pow(2).mean().backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == delta_names
-    assert all(p.grad.abs().sum() > 0 for _, p in delta.named_parameters())
-
-    fresh = outputs(model, inputs)
-    assert not torch.allclose(fresh, base)
-    perturb(delta)
-    tuned = outputs(model, inputs)
-    assert not torch.allclose(tuned, fresh)
-
-    for _ in range(2):
-        delta.detach()
-        assert torch.equal(outputs(model, inputs), base)
-        assert not any("prefix" in n or "reparams" in n for n, _ in model.named_parameters())
-        delta.attach()
-        assert torch.equal(outputs(model, inputs), tuned)
+    names = {n for n, _ in delta.named_parameters()}
+    assert names and all(".reparams." in n for n in names)
+    assert len({n.split(".reparams.")[0] for n in names}) == 1
 
 
 def test_documented_defaults():
