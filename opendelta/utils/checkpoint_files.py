@@ -137,21 +137,27 @@ def _replace_files(directory: str, sources: Dict[str, str]) -> None:
 
 
 # =========================================================================== reading files
-def read_config_file(directory: PathLike) -> Dict[str, Any]:
-    """The dict in ``directory/config.json``; :class:`CheckpointError` if absent or invalid."""
-    path = os.path.join(os.fspath(directory), CONFIG_NAME)
+def read_json_object(path: str, missing_hint: str) -> Dict[str, Any]:
+    """The JSON object in file ``path``; :class:`CheckpointError` (with ``missing_hint`` if
+    the file is absent) when it is missing, not valid JSON or not an object."""
     if not os.path.isfile(path):
-        present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-        raise CheckpointError(f"{path} is missing: a delta checkpoint directory needs {CONFIG_NAME} "
-                              f"and {WEIGHTS_NAME} (found: {present or 'nothing'})")
+        raise CheckpointError(f"{path} is missing: {missing_hint}")
     try:
         with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+            value = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); the file is damaged") from err
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, found {type(config).__name__}")
-    return config
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(value).__name__}")
+    return value
+
+
+def read_config_file(directory: PathLike) -> Dict[str, Any]:
+    """The dict in ``directory/config.json``; :class:`CheckpointError` if absent or invalid."""
+    present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    return read_json_object(os.path.join(os.fspath(directory), CONFIG_NAME),
+                            f"a delta checkpoint directory needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+                            f"(found: {present or 'nothing'})")
 
 
 def weights_file(directory: PathLike) -> str:

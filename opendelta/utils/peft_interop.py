@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ..delta_layer import iter_delta_layers
-from .checkpoint_files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_weights,
-                               write_files_atomically)
+from .checkpoint_files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object,
+                               read_weights, write_files_atomically)
 from .saving_loading import _remove_new_layers
 from .shapes import is_conv1d_transposed
 
@@ -109,17 +109,8 @@ def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"]
 
 
 def read_peft_config(directory: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
-    path = os.path.join(os.fspath(directory), PEFT_CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: not a PEFT adapter directory")
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return config
+    return read_json_object(os.path.join(os.fspath(directory), PEFT_CONFIG_NAME),
+                            "not a PEFT adapter directory")
 
 
 def _peft_weights_file(directory: str) -> str:
