@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from contextvars import ContextVar
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ HOST_LAYERS = "_opendelta_layers"
 #: attribute on a host module holding the handles of the two dispatch hooks.
 HOST_HANDLES = "_opendelta_hook_handles"
 #: attributes on a host module: child names of the layers its pre-hook / post-hook run, in
-#: run order, precomputed by :func:`_rehook` so the hot path does no filtering or sorting.
+#: run order, precomputed by :func:`refresh_hooks` so the hot path does no filtering or sorting.
 #: Merged layers (folded into the host's weights) are left out.
 HOST_PRE = "_opendelta_pre_layers"
 HOST_POST = "_opendelta_post_layers"
@@ -167,8 +167,9 @@ def _run_post_hooks(host: nn.Module, args, kwargs, output):
     return output
 
 
-def _rehook(host: nn.Module) -> None:
-    """(Re)register the dispatch hooks of ``host`` to match its attached, unmerged layers."""
+def refresh_hooks(host: nn.Module) -> None:
+    """(Re)register the dispatch hooks of ``host`` to match its attached, unmerged layers
+    (called after attaching, detaching, merging or unmerging a layer)."""
     for handle in getattr(host, HOST_HANDLES, ()):
         handle.remove()
     names = host.__dict__.get(HOST_LAYERS, ())
@@ -187,11 +188,6 @@ def _rehook(host: nn.Module) -> None:
     if post:
         handles.append(host.register_forward_hook(_run_post_hooks, with_kwargs=True))
     host.__dict__[HOST_HANDLES] = tuple(handles)
-
-
-def refresh_hooks(host: nn.Module) -> None:
-    """Re-derive ``host``'s dispatch hooks after a layer's ``merged`` flag changed."""
-    _rehook(host)
 
 
 def attach_layer(host: nn.Module, name: str, layer: DeltaLayer) -> None:
@@ -213,7 +209,7 @@ def attach_layer(host: nn.Module, name: str, layer: DeltaLayer) -> None:
     for l in layers:
         host._modules[names[id(l)]] = l
     host.__dict__[HOST_LAYERS] = tuple(names[id(l)] for l in layers)
-    _rehook(host)
+    refresh_hooks(host)
 
 
 def detach_layer(host: nn.Module, layer: DeltaLayer) -> None:
@@ -222,7 +218,7 @@ def detach_layer(host: nn.Module, layer: DeltaLayer) -> None:
     for name in removed:
         del host._modules[name]
     host.__dict__[HOST_LAYERS] = tuple(n for n in host.__dict__.get(HOST_LAYERS, ()) if n not in removed)
-    _rehook(host)
+    refresh_hooks(host)
 
 
 def attached_layers(host: nn.Module) -> Tuple[DeltaLayer, ...]:
@@ -250,11 +246,3 @@ def is_delta_parameter_name(model: nn.Module, name: str) -> bool:
         if isinstance(module, DeltaLayer):
             return True
     return False
-
-
-def delta_parameter_names(model: nn.Module) -> List[str]:
-    """Names of all parameters of ``model`` that belong to delta layers."""
-    out = []
-    for prefix, layer in iter_delta_layers(model):
-        out.extend(f"{prefix}.{n}" for n, _ in layer.named_parameters(remove_duplicate=False))
-    return sorted(set(out), key=out.index)
