@@ -176,7 +176,14 @@ class DeltaBase(SaveLoadMixin, MergeMixin, nn.Module):
 
         targets = self.resolve_targets(keys, uses_defaults)
         self.layer_attr = self._free_layer_name(targets)
-        self.add_all_deltas(targets)
+        try:
+            self.add_all_deltas(targets)
+        except BaseException:
+            # Never leave a half-modified backbone behind.
+            for host_name, _, layer in reversed(self._layers):
+                detach_layer(self._hosts[host_name], layer)
+            self._layers.clear()
+            raise
 
     # ------------------------------------------------------------------ configuration
     def __init_subclass__(cls, **kwargs: Any) -> None:

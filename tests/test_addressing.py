@@ -93,6 +93,11 @@ def test_bad_hyperparameters_fail_at_construction():
         LoraModel(model, modified_modules="query")
     with pytest.raises(ValueError, match="LoRA applies to Linear and Conv1D"):
         LoraModel(model, modified_modules=["attention"])
+    # A failure after some layers were inserted takes them out again.
+    with pytest.raises(ValueError, match="LoRA applies to Linear and Conv1D.*'bert.encoder.layer.0.output'"):
+        LoraModel(model, modified_modules=["query", "[r]layer\\.0\\.output"])
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert not model.bert.encoder.layer[0].attention.self.query._forward_hooks
     with pytest.raises(ValueError, match="backend 'bmt' is not supported.*FSDP2"):
         LoraModel(model, backend="bmt")
 
