@@ -93,6 +93,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from .utils.visualization import Visualization
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     delta_class = get_delta_class(args.delta) if args.delta else None
     config = AutoConfig.from_pretrained(args.model_dir)
     model = AutoModel.from_config(config) if args.structure_only else AutoModel.from_pretrained(args.model_dir)

@@ -181,6 +181,7 @@ def train_classifier(model_path: str, data: Dataset, settings: TrainSettings, ou
     from .utils.inspect import inspect_module_statistics
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     torch.manual_seed(settings.seed)
     delta_class = get_delta_class(settings.delta_type)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -43,6 +43,19 @@ def test_malformed_data_files(tmp_path, capsys, content, suffix, message):
     assert message in err and err.count("\n") == 1
 
 
+def test_visualize_a_local_model_with_a_delta(tmp_path):
+    import tiny_models as tm
+
+    tm.build("bert", "cls").save_pretrained(tmp_path / "model")
+    result = run_cli("visualize", str(tmp_path / "model"), "--delta", "lora")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "0-1 (BertLayer)" in result.stdout
+    assert "query,value (Linear) weight:[32, 32] bias:[32]" in result.stdout
+    assert "lora (LoraLayer) lora_A:[8, 32] lora_B:[32, 8]" in result.stdout
+    common = run_cli("visualize", str(tmp_path / "model"), "--common-structure", "--structure-only")
+    assert common.returncode == 0 and "attn" in common.stdout and "ff" in common.stdout
+
+
 def test_inspect_corrupt_and_missing(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"delta_type": "lora"}')
     assert main(["inspect", str(tmp_path)]) == 2
