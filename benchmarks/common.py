@@ -19,7 +19,7 @@ import statistics
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -179,14 +179,7 @@ def format_table(rows: List[Row]) -> str:
         if row.section != section:
             section = row.section
             body.append((f"[{section}]", "", "", "", "", ""))
-        if row.value is None:
-            value = "n/a"
-        elif row.unit == "s":
-            value = f"{row.value * 1e3:.2f} ms"
-        else:
-            value = f"{row.value:.1f} {row.unit}"
-        ratio = f"{row.ratio:.3f}" if row.ratio is not None else ""
-        body.append((row.case, row.impl, value, ratio, row.ratio_to, row.note))
+        body.append((row.case, row.impl, *_value_and_ratio(row), row.ratio_to, row.note))
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines.append(fmt.format(*header))
@@ -195,16 +188,21 @@ def format_table(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
+def _value_and_ratio(row: Row) -> Tuple[str, str]:
+    """The median (ms for times) and the ratio of ``row``, formatted for a table."""
+    if row.value is None:
+        value = "n/a"
+    elif row.unit == "s":
+        value = f"{row.value * 1e3:.2f} ms"
+    else:
+        value = f"{row.value:.1f} {row.unit}"
+    return value, f"{row.ratio:.3f}" if row.ratio is not None else ""
+
+
 def markdown_table(rows: List[Row]) -> str:
     out = ["| section | case | impl | median | ratio | vs | note |", "|---|---|---|---|---|---|---|"]
     for row in rows:
-        if row.value is None:
-            value = "n/a"
-        elif row.unit == "s":
-            value = f"{row.value * 1e3:.2f} ms"
-        else:
-            value = f"{row.value:.1f} {row.unit}"
-        ratio = f"{row.ratio:.3f}" if row.ratio is not None else ""
+        value, ratio = _value_and_ratio(row)
         note = row.note.replace("|", "\\|")  # "max |a - b|" must not split the cell
         out.append(f"| {row.section} | {row.case} | {row.impl} | {value} | {ratio} | {row.ratio_to} | {note} |")
     return "\n".join(out)
