@@ -68,7 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(delta_type=args.delta, delta_kwargs=_delta_kwargs(args.delta_arg, args.modified_modules),
                              epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
                              learning_rate=args.lr, seed=args.seed,
-                             unfrozen=["deltas", *[u for u in args.unfreeze.split(",") if u]])
+                             unfrozen=None if args.unfreeze is None
+                             else ["deltas", *[u for u in args.unfreeze.split(",") if u]])
     print(f"model: {model_path}\ndata: {data.source}: {len(data.train)} train / {len(data.test)} test "
           f"examples, {len(data.labels)} labels\ndelta: {args.delta} {settings.delta_kwargs or ''}")
     metrics = train_classifier(model_path, data, settings, args.output_dir, progress=_progress())
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--delta-arg", action="append", default=[], metavar="NAME=VALUE",
                        help="a hyperparameter of the delta, e.g. lora_r=16 (repeatable)")
     train.add_argument("--modified-modules", default=None, help="comma-separated module keys (default: the method's)")
-    train.add_argument("--unfreeze", default="classifier", help="comma-separated modules trained besides the delta")
+    train.add_argument("--unfreeze", default=None,
+                       help="comma-separated modules trained besides the delta (default: the classification head)")
     train.add_argument("--model", default=None, help="a local model directory (default: the bundled MiniLM)")
     train.add_argument("--data", default=None, help="CSV/TSV/JSONL file with text and label columns (default: BBC news)")
     train.add_argument("--text-column", default="text")

@@ -137,7 +137,22 @@ class TrainSettings:
     max_length: int = 128
     learning_rate: float = 5e-3
     seed: int = 0
-    unfrozen: Sequence[str] = ("deltas", "classifier")
+    #: trained besides the delta; ``None``: the classification head, whatever its name.
+    unfrozen: Optional[Sequence[str]] = None
+
+
+#: names transformers gives the head of ``...ForSequenceClassification`` models.
+HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+def classification_head(model) -> str:
+    """The name of ``model``'s classification head (a top-level child)."""
+    children = dict(model.named_children())
+    for name in HEAD_NAMES:
+        if name in children:
+            return name
+    raise DataError(f"cannot find the classification head of {type(model).__name__} (looked for "
+                    f"{', '.join(HEAD_NAMES)}); pass --unfreeze NAME")
 
 
 def batches(tokenizer, examples: Sequence[Example], batch_size: int, max_length: int):
@@ -189,7 +204,8 @@ def train_classifier(model_path: str, data: Dataset, settings: TrainSettings, ou
     model.config.id2label = dict(enumerate(data.labels))
     model.config.label2id = {label: i for i, label in enumerate(data.labels)}
     delta = delta_class(backbone_model=model, **settings.delta_kwargs)
-    delta.freeze_module(exclude=list(settings.unfrozen), set_state_dict=True)
+    unfrozen = settings.unfrozen if settings.unfrozen is not None else ["deltas", classification_head(model)]
+    delta.freeze_module(exclude=list(unfrozen), set_state_dict=True)
     delta.log(visualization=False)
     stats = inspect_module_statistics(model)
 

@@ -56,6 +56,42 @@ def test_visualize_a_local_model_with_a_delta(tmp_path):
     assert common.returncode == 0 and "attn" in common.stdout and "ff" in common.stdout
 
 
+@pytest.mark.slow
+def test_train_a_local_llama_classifier_on_a_users_jsonl(tmp_path):
+    """--model and --data: a local Llama-architecture classifier (head ``score``, found by
+    itself) with the bundled MiniLM's tokenizer, on a JSONL file with string labels."""
+    import random
+
+    import transformers
+
+    from opendelta.text_classification import default_model_path
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_path())
+    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      pad_token_id=tokenizer.pad_token_id, num_labels=2)
+    model_dir = tmp_path / "model"
+    transformers.LlamaForSequenceClassification(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    rng = random.Random(0)
+    rows = [{"review": f"{rng.choice(['great', 'lovely', 'superb'])} film, {rng.randint(0, 9)} stars",
+             "sentiment": "pos"} for _ in range(40)]
+    rows += [{"review": f"{rng.choice(['awful', 'dull', 'terrible'])} film, {rng.randint(0, 9)} stars",
+              "sentiment": "neg"} for _ in range(40)]
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "delta"
+    result = run_cli("train", "--model", str(model_dir), "--data", str(data), "--text-column", "review",
+                     "--label-column", "sentiment", "--delta", "adapter", "--delta-arg", "bottleneck_dim=8",
+                     "--epochs", "2", "--max-length", "16", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["labels"] == ["neg", "pos"] and metrics["test_examples"] == 16
+    assert metrics["delta_type"] == "adapter" and metrics["delta_config"]["bottleneck_dim"] == 8
+    keys = run_cli("inspect", str(out), "--keys").stdout
+    assert "score.weight" in keys and "adapter.modulelist.down_proj.weight" in keys
+
+
 def test_inspect_corrupt_and_missing(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"delta_type": "lora"}')
     assert main(["inspect", str(tmp_path)]) == 2
