@@ -218,3 +218,46 @@ def test_delta_model_forward_explains(capsys):
     n_delta = 2 * 2 * (8 * tm.HIDDEN * 2)
     assert f"Delta parameters: {n_delta:,}" in printed
     assert f"Trainable parameters: {n_delta + tm.HIDDEN * 3 + 3:,}" in printed
+
+
+class Gain(nn.Module):
+    """A module that states no sizes (its parameter is not called ``weight``)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(dim))
+
+    def forward(self, hidden):
+        return hidden * self.gain
+
+
+class ToyLM(nn.Module):
+    def __init__(self, fail=False):
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.scale = Gain(6)
+        self.fail = fail
+
+    def forward(self, input_ids):
+        if self.fail:
+            raise RuntimeError("this model needs pixel_values")
+        return self.scale(self.embed(input_ids))
+
+
+def test_sizes_fall_back_to_one_dummy_forward():
+    model = ToyLM()
+    delta = AdapterModel(model, modified_modules=["scale"], bottleneck_dim=3)
+    layer = model.scale.adapter
+    assert layer.modulelist.down_proj.in_features == 6 and layer.modulelist.down_proj.out_features == 3
+    assert len(model.scale._forward_hooks) == 1  # the probe's hook is gone: only the dispatch hook
+    delta.detach()
+    assert not model.scale._forward_hooks
+
+
+def test_failed_dummy_forward_is_a_clear_error_never_swallowed():
+    model = ToyLM(fail=True)
+    with pytest.raises(RuntimeError, match=r"could not infer the sizes of \['scale'\].*dummy forward of "
+                                           r"ToyLM .* failed: this model needs pixel_values") as info:
+        AdapterModel(model, modified_modules=["scale"])
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert not model.scale._forward_hooks and "adapter" not in model.scale._modules
