@@ -11,6 +11,7 @@ ones) run in the order they were added; layers acting *before* it run last-added
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 from contextvars import ContextVar
 from typing import Any, Dict, Iterator, Optional, Tuple
@@ -131,6 +132,31 @@ def replace_primary_input(args: Tuple[Any, ...], kwargs: Dict[str, Any], tensor:
         if isinstance(kwargs.get(key), torch.Tensor):
             return args, {**kwargs, key: tensor}
     raise TypeError("cannot find the hidden-state input of the module call")
+
+
+_POSITIONAL_NAMES: Dict[type, Tuple[str, ...]] = {}
+
+
+def call_as_kwargs(host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """All arguments of a call of ``host`` by name, the positional ones named after the
+    parameters of its class's ``forward`` (read once per class, not per call).
+
+    A pre-hook that needs arguments by name returns ``((), call_as_kwargs(...))``.
+    """
+    if not args:
+        return dict(kwargs)
+    cls = type(host)
+    names = _POSITIONAL_NAMES.get(cls)
+    if names is None:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
+        if any(p.kind is p.POSITIONAL_ONLY for p in params):
+            raise TypeError(f"{cls.__name__}.forward has positional-only parameters; a delta cannot "
+                            "pass them by name")
+        names = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
+        _POSITIONAL_NAMES[cls] = names
+    if len(args) > len(names):
+        raise TypeError(f"{cls.__name__}.forward got {len(args)} positional arguments; it takes {len(names)}")
+    return {**dict(zip(names, args)), **kwargs}
 
 
 # --------------------------------------------------------------------------- dispatch hooks

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..basemodel import DeltaBase
 from ..delta_configs import BaseDeltaConfig
-from ..delta_layer import DeltaLayer, detach_layer
+from ..delta_layer import DeltaLayer, call_as_kwargs, detach_layer
 from ..registry import registered
 
 
@@ -215,18 +215,15 @@ def _extend_mask(mask: Optional[torch.Tensor], num: int, causal: bool, query_len
 
 # --------------------------------------------------------------------------- layers
 @functools.lru_cache(maxsize=None)
-def _arguments(host_class: type) -> Tuple[inspect.Signature, str, str, Optional[str]]:
-    """The forward signature of an attention class (without ``self``) and the names of its
-    hidden-states, attention-mask and cache arguments."""
-    signature = inspect.signature(host_class.forward)
-    params = list(signature.parameters.values())[1:]
-    names = [p.name for p in params]
+def _argument_names(host_class: type) -> Tuple[str, str, Optional[str]]:
+    """The names of an attention class's hidden-states, attention-mask and cache arguments."""
+    names = list(inspect.signature(host_class.forward).parameters)[1:]
     mask = next((n for n in ("attention_mask", "mask") if n in names), None)
     cache = "past_key_values" if "past_key_values" in names else None
     if mask is None or (cache is None and _KINDS[host_class.__name__].placeholder is None):
         raise NotImplementedError(f"{host_class.__name__}.forward takes no attention mask or no cache "
                                   "argument; this transformers version is not supported by PrefixModel")
-    return signature.replace(parameters=params), names[0], mask, cache
+    return names[0], mask, cache
 
 
 class PrefixReparameterization(DeltaLayer):
@@ -316,9 +313,8 @@ class PrefixLayer(DeltaLayer):
         return x.unsqueeze(0).expand(batch, *x.shape)
 
     def pre_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
-        signature, hidden_arg, mask_arg, cache_arg = _arguments(type(host))
-        bound = signature.bind(*args, **kwargs)
-        arguments = bound.arguments
+        hidden_arg, mask_arg, cache_arg = _argument_names(type(host))
+        arguments = call_as_kwargs(host, args, kwargs)
         hidden = arguments[hidden_arg]
         batch, query_length = hidden.shape[0], hidden.shape[1]
         inner = self.kind.inner(host)
@@ -338,7 +334,7 @@ class PrefixLayer(DeltaLayer):
             arguments[mask_arg] = _extend_mask(mask, num, False, query_length, query_length, 0,
                                                mask_dtype, hidden.device, rows=True)
             self.__dict__["_active"] = (key, value)
-            return bound.args, bound.kwargs
+            return (), arguments
 
         cross = self.kind.always_cross or (self.kind.cross_arg is not None
                                            and arguments.get(self.kind.cross_arg) is not None)
@@ -360,7 +356,7 @@ class PrefixLayer(DeltaLayer):
         arguments[mask_arg] = new_mask
         arguments[cache_arg] = PrefixedCache(cache, self._heads(key, batch), self._heads(value, batch),
                                              expected_length=key_length if built else None)
-        return bound.args, bound.kwargs
+        return (), arguments
 
     # DistilBERT: the placeholder rows are dropped from the attention's output.
     def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
@@ -431,7 +427,7 @@ class PrefixModel(DeltaBase):
             kind = _KINDS.get(type(module).__name__)
             if kind is None or (getattr(module, "is_cross_attention", False) and kind in (_BERT, _GPT2)):
                 raise _unsupported(name, module, self.backbone_model)
-            _arguments(type(module))
+            _argument_names(type(module))
             kinds.append(kind)
         self._check_t5_stacks(targets, modules)
 

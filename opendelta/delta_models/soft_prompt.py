@@ -28,7 +28,6 @@ encoder), as saved by OpenDelta 0.3.2.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +36,7 @@ from torch import nn
 
 from ..basemodel import DeltaBase
 from ..delta_configs import BaseDeltaConfig
-from ..delta_layer import DeltaLayer
+from ..delta_layer import DeltaLayer, call_as_kwargs
 from ..registry import registered
 
 IGNORE_INDEX = -100
@@ -77,23 +76,6 @@ class SoftPromptConfig(BaseDeltaConfig):
 
 
 # --------------------------------------------------------------------------- helpers
-_SIGNATURES: Dict[type, List[str]] = {}
-
-
-def _named_kwargs(host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """All arguments of a call of ``host`` as keywords (positional ones named by its signature)."""
-    if not args:
-        return dict(kwargs)
-    names = _SIGNATURES.get(type(host))
-    if names is None:
-        params = inspect.signature(host.forward).parameters.values()
-        names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        _SIGNATURES[type(host)] = names
-    if len(args) > len(names):
-        raise TypeError(f"{type(host).__name__}.forward got {len(args)} positional arguments; it takes {len(names)}")
-    return {**dict(zip(names, args)), **kwargs}
-
-
 def _cache_length(past_key_values: Any) -> int:
     """Number of positions already in a KV cache (0 for none)."""
     if past_key_values is None:
@@ -146,7 +128,7 @@ class SoftPromptLayer(DeltaLayer):
 
     def pre_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
                     ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-        kwargs = _named_kwargs(host, args, kwargs)
+        kwargs = call_as_kwargs(host, args, kwargs)
         n = self.num_tokens
         past = _cache_length(kwargs.get("past_key_values"))
         embeds, ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
@@ -199,7 +181,7 @@ class SoftPromptMaskLayer(DeltaLayer):
 
     def pre_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
                     ) -> Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]:
-        kwargs = _named_kwargs(host, args, kwargs)
+        kwargs = call_as_kwargs(host, args, kwargs)
         mask = kwargs.get("attention_mask")
         if not isinstance(mask, torch.Tensor):
             return None
