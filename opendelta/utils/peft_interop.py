@@ -29,10 +29,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type, Union
 import torch
 from torch import nn
 
-from ..delta_layer import iter_delta_layers
 from .checkpoint_files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object,
                                read_weights, write_files_atomically)
-from .saving_loading import _remove_new_layers
 from .shapes import is_conv1d_transposed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -176,14 +174,12 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
         from ..registry import get_delta_class
 
         delta_class = get_delta_class("lora")
-    before = {id(layer) for _, layer in iter_delta_layers(backbone_model)}
     try:
         # PEFT's modules_to_save were trained whole: freeze_module() keeps them trainable.
         heads = sorted({name.rpartition(".")[0] for name in backbone_tensors})
         delta = delta_class(backbone_model, modified_modules=list(hosts), unfrozen_modules=["deltas", *heads],
                             lora_r=r, lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout", 0.0)))
-    except Exception as err:
-        _remove_new_layers(backbone_model, before)
+    except Exception as err:  # the failed construction took out what it inserted
         raise CheckpointError(f"{source}: cannot build the LoRA delta on "
                               f"{type(backbone_model).__name__}: {err}") from err
     state: Dict[str, torch.Tensor] = dict(backbone_tensors)
@@ -192,14 +188,12 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
         for which in ("A", "B"):
             if f"{host}.{which}" not in lora:
                 delta.detach()
-                _remove_new_layers(backbone_model, before)
                 raise CheckpointError(f"{file}: {host}.lora_{which}.weight is missing")
             state[f"{host}.{child}.lora_{which}"] = lora[f"{host}.{which}"]
     try:
         delta.load_delta_state_dict(state, strict=True, source=file)
     except Exception:
         delta.detach()
-        _remove_new_layers(backbone_model, before)
         raise
     return delta
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..delta_configs import BaseDeltaConfig
-from ..delta_layer import detach_layer, is_delta_parameter_name, iter_delta_layers
+from ..delta_layer import is_delta_parameter_name
 from .model_hash import gen_model_hash, has_meta_parameters, is_comparable_hash
 from .checkpoint_files import (CONFIG_NAME, PEFT_CONFIG_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
                                BackboneHashWarning, CheckpointError, PathLike, _short_list,
@@ -399,11 +399,9 @@ class SaveLoadMixin:
         if check_hash:
             _check_backbone_hash(backbone_model, config, tensors, strict_hash, config_source)
 
-        before = {id(layer) for _, layer in iter_delta_layers(backbone_model)}
-        try:
+        try:  # a construction that fails takes out what it inserted (DeltaBase.__init__)
             delta = delta_class.from_config(config, backbone_model, **overrides)
         except Exception as err:
-            _remove_new_layers(backbone_model, before)
             saved = config.backbone_class
             hint = (f" (the checkpoint was made for a {saved}, this backbone is a "
                     f"{type(backbone_model).__name__})" if saved and saved != type(backbone_model).__name__
@@ -419,7 +417,6 @@ class SaveLoadMixin:
             delta.load_delta_state_dict(tensors, strict=True, source=file, allow_missing_buffers=legacy)
         except Exception:
             delta.detach()
-            _remove_new_layers(backbone_model, before)
             raise
         # A legacy checkpoint's head (classifier.*) stays trainable under freeze_module().
         params = dict(backbone_model.named_parameters())
@@ -506,13 +503,3 @@ def _check_backbone_hash(backbone: nn.Module, config: BaseDeltaConfig, tensors: 
     if strict:
         raise CheckpointError(message)
     warnings.warn(message, BackboneHashWarning, stacklevel=3)
-
-
-def _remove_new_layers(backbone: nn.Module, before: set) -> None:
-    """Take out every delta layer added to ``backbone`` since ``before`` was recorded."""
-    for name, layer in list(iter_delta_layers(backbone)):
-        if id(layer) in before:
-            continue
-        host_name = name.rpartition(".")[0]
-        host = backbone.get_submodule(host_name) if host_name else backbone
-        detach_layer(host, layer)
