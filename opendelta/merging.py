@@ -99,13 +99,8 @@ class MergeMixin:
 
     # ----------------------------------------------------------------- helpers
     def _merge_pairs(self) -> List[Tuple[str, nn.Module, Any]]:
-        pairs, seen = [], set()
-        for host_name, _, layer in self._layers:
-            key = (id(layer), host_name)
-            if key not in seen:
-                seen.add(key)
-                pairs.append((host_name, self._hosts[host_name], layer))
-        return pairs
+        """``(host name, host, layer)`` for every layer of this delta, in insertion order."""
+        return [(host_name, self._hosts[host_name], layer) for host_name, _, layer in self._layers]
 
     def _check_mergeable(self, create_missing: bool = False) -> None:
         if getattr(self, "_merged_away", False):
