@@ -2,6 +2,6 @@
 
 ``from bigmodelvis import Visualization`` as in OpenDelta's documentation; needs ``rich``.
 """
-from opendelta.utils.visualization import Visualization
+from opendelta.tools.visualization import Visualization
 
 __all__ = ["Visualization"]

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import _tiny
 from opendelta import LoraModel
-from opendelta.utils.distributed import save_finetuned_distributed
+from opendelta.integrations.distributed import save_finetuned_distributed
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import _tiny
 from opendelta import LoraModel
-from opendelta.utils.distributed import is_main_process, save_finetuned_distributed
+from opendelta.integrations.distributed import is_main_process, save_finetuned_distributed
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from torch import nn
 
 import tiny_models as tm
 from opendelta import AdapterModel, BitFitModel, CommonStructureMap, LoraModel
-from opendelta.utils.name_based_addressing import (endswith_in, endswith_in_normal, endswith_in_regex,
+from opendelta.core.addressing import (endswith_in, endswith_in_normal, endswith_in_regex,
                                                    is_child_key, superstring_in)
 
 

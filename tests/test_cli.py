@@ -64,7 +64,7 @@ def test_train_a_local_llama_classifier_on_a_users_jsonl(tmp_path):
 
     import transformers
 
-    from opendelta.text_classification import default_model_path
+    from opendelta.cli.train import default_model_path
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_path())
     config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
@@ -118,7 +118,7 @@ def test_train_real_minilm_on_bbc_news_and_reload(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from opendelta import AutoDeltaModel
-    from opendelta.text_classification import default_model_path, load_bbc_news, predict
+    from opendelta.cli.train import default_model_path, load_bbc_news, predict
 
     path = default_model_path()
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)

@@ -6,7 +6,7 @@ import pytest
 import tiny_models as tm
 from opendelta import (AdapterModel, AutoDeltaConfig, AutoDeltaModel, BaseDeltaConfig, LoraModel,
                        get_delta_class, known_delta_types)
-from opendelta.delta_models.lora import LoraConfig
+from opendelta.methods.lora import LoraConfig
 
 
 def test_every_registered_config_round_trips_through_json():

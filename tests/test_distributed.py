@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import tiny_models
 from helpers import perturb
 from opendelta import AdapterModel, BitFitModel, LoraModel
-from opendelta.utils.distributed import (gather_delta_state_dict, has_sharded_parameters,
+from opendelta.integrations.distributed import (gather_delta_state_dict, has_sharded_parameters,
                                          is_main_process, save_finetuned_distributed,
                                          unwrap_model)
 

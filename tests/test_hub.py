@@ -11,7 +11,7 @@ import torch
 import tiny_models as tm
 from helpers import outputs, perturb
 from opendelta import AutoDeltaConfig, AutoDeltaModel, LoraModel
-from opendelta.utils.checkpoint_files import CheckpointError
+from opendelta.io.files import CheckpointError
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 httpx2 = pytest.importorskip("httpx2")  # huggingface_hub's HTTP client library

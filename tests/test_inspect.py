@@ -56,7 +56,7 @@ def test_log_prints_tree_counts_and_ratios(tuned, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_log_reports_cuda_memory(tuned, capsys):
-    from opendelta.utils.inspect import log_model
+    from opendelta.tools.inspect import log_model
 
     model, _ = tuned
     model.cuda()

@@ -16,7 +16,7 @@ import pytest
 from torch import nn
 
 from opendelta import LoraModel
-from opendelta.utils.interactive import SelectionServer, exact_keys, interactive
+from opendelta.tools.interactive import SelectionServer, exact_keys, interactive
 from tiny_models import build
 
 CHROMIUM = "/usr/bin/chromium"

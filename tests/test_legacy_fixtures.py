@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from opendelta import AutoDeltaModel, BitFitModel
-from opendelta.utils.checkpoint_files import BackboneHashWarning, CheckpointError
+from opendelta.io.files import BackboneHashWarning, CheckpointError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "..", "shared", "fixtures", "opendelta-0.3.2")
@@ -122,7 +122,7 @@ def test_legacy_default_targets_that_match_nothing_are_dropped(fixtures_dir):
     arch, case = _bitfit_case(fixtures_dir)
     config = json.load(open(os.path.join(fixtures_dir, case["delta_dir"], "config.json")))
     assert "lm_head@.proj@" in config["modified_modules"]
-    from opendelta.utils.legacy import upgrade_legacy_config
+    from opendelta.io.legacy import upgrade_legacy_config
 
     upgraded = upgrade_legacy_config(config, load_backbone(fixtures_dir, arch))
     assert "lm_head@.proj@" not in upgraded["modified_modules"]

@@ -12,7 +12,7 @@ import torch
 import tiny_models as tm
 from helpers import outputs, perturb
 from opendelta import AdapterModel, BitFitModel, LoraModel
-from opendelta.delta_layer import DeltaLayer
+from opendelta.core.layers import DeltaLayer
 
 ARCHS = ["bert", "gpt2", "llama"]  # Linear with bias, Conv1D [in, out], bias-free Linear
 ATOL = 1e-5

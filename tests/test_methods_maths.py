@@ -7,7 +7,7 @@ from torch import nn
 
 import tiny_models as tm
 from opendelta import CompacterModel, LowRankAdapterModel, ParallelAdapterModel, SoftPromptModel
-from opendelta.delta_models.compacter import PHMLinear, kronecker_sum
+from opendelta.methods.compacter import PHMLinear, kronecker_sum
 
 
 def gelu_new(v: float) -> float:

@@ -8,8 +8,8 @@ import torch
 import tiny_models as tm
 from helpers import outputs, perturb
 from opendelta import AutoDeltaModel, LoraModel
-from opendelta.utils.peft_interop import load_peft_lora, save_peft_lora
-from opendelta.utils.checkpoint_files import CheckpointError
+from opendelta.io.peft import load_peft_lora, save_peft_lora
+from opendelta.io.files import CheckpointError
 
 peft = pytest.importorskip("peft")
 

@@ -16,8 +16,8 @@ import opendelta
 import tiny_models as tm
 from helpers import outputs, perturb
 from opendelta import AdapterModel, AutoDeltaConfig, AutoDeltaModel, LoraModel, get_delta_class
-from opendelta.utils.model_hash import gen_model_hash, gen_parameter_hash
-from opendelta.utils.checkpoint_files import BackboneHashWarning, CheckpointError
+from opendelta.io.hashing import gen_model_hash, gen_parameter_hash
+from opendelta.io.files import BackboneHashWarning, CheckpointError
 
 ARCHS = ["bert", "gpt2", "t5", "llama"]
 #: hyperparameters that fit the tiny models (hidden 32, 64 positions); others use defaults.
@@ -34,7 +34,7 @@ def assert_unchanged(model, before):
     assert list(after) == list(before)
     for key, value in before.items():
         assert torch.equal(after[key], value), key
-    assert not any(True for _ in opendelta.delta_layer.iter_delta_layers(model))
+    assert not any(True for _ in opendelta.core.layers.iter_delta_layers(model))
 
 
 def safetensors_layout(path):

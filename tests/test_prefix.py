@@ -8,7 +8,7 @@ import torch
 import tiny_models as tm
 from helpers import outputs, perturb, trainable_names
 from opendelta import AutoDeltaConfig, AutoDeltaModel, LoraModel, PrefixModel
-from opendelta.delta_models.prefix import PrefixLayer, PrefixReparameterization
+from opendelta.methods.prefix import PrefixLayer, PrefixReparameterization
 
 SUPPORTED = [a for a in tm.ARCH_NAMES if a != "deberta-v2"]
 SMALL = dict(prefix_token_num=3, embed_dim=16, mid_dim=16)

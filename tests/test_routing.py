@@ -14,8 +14,9 @@ import torch
 import opendelta
 import tiny_models as tm
 from helpers import outputs, perturb
-from opendelta import AdapterModel, LoraModel, delta_layer
-from opendelta.routing import current_routes
+from opendelta import AdapterModel, LoraModel
+from opendelta.core import layers as delta_layer
+from opendelta.route import current_routes
 
 ATOL = 1e-5
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from opendelta import LoraModel
-from opendelta.utils.visualization import (DELTA, FROZEN, TRAINABLE, StructureNode, Visualization,
+from opendelta.tools.visualization import (DELTA, FROZEN, TRAINABLE, StructureNode, Visualization,
                                            build_structure, compact_names)
 from tiny_models import build
 

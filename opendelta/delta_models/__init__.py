@@ -1,16 +1,4 @@
-"""One module per delta method; importing this package registers them all."""
-from .adapter import AdapterConfig, AdapterModel
-from .bitfit import BitFitConfig, BitFitModel
-from .lora import LoraConfig, LoraModel
-
-__all__ = ["AdapterConfig", "AdapterModel", "BitFitConfig", "BitFitModel", "LoraConfig", "LoraModel"]
-
-from .prefix import PrefixConfig, PrefixModel  # noqa: E402
-__all__ += ["PrefixConfig", "PrefixModel"]
-
-from .compacter import CompacterConfig, CompacterModel  # noqa: E402
-from .low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel  # noqa: E402
-from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel  # noqa: E402
-from .soft_prompt import SoftPromptConfig, SoftPromptModel  # noqa: E402
-__all__ += ["CompacterConfig", "CompacterModel", "LowRankAdapterConfig", "LowRankAdapterModel",
-            "ParallelAdapterConfig", "ParallelAdapterModel", "SoftPromptConfig", "SoftPromptModel"]
+"""Documented paths of the delta methods (``opendelta.delta_models.lora`` ...); each
+method lives in one file of :mod:`opendelta.methods`."""
+from ..methods import *  # noqa: F401,F403
+from ..methods import __all__  # noqa: F401

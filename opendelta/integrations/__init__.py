@@ -5,5 +5,5 @@
   the end).
 
 Plain PyTorch engines (DDP, FSDP2, Accelerate, DeepSpeed) need no integration to train;
-:mod:`opendelta.utils.distributed` has the helpers to save from them.
+:mod:`opendelta.integrations.distributed` has the helpers to save from them.
 """

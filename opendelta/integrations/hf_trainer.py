@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from torch import nn
 from transformers import TrainerCallback
 
-from ..basemodel import set_trainable_state_dict
-from ..utils.distributed import save_finetuned_distributed
+from ..core.base import set_trainable_state_dict
+from .distributed import save_finetuned_distributed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..basemodel import DeltaBase
+    from ..core.base import DeltaBase
 
 #: attribute on the backbone: handle of the load-state-dict hook below.
 _LOAD_HOOK = "_opendelta_partial_load_handle"

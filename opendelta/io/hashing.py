@@ -26,7 +26,7 @@ from typing import Collection, Iterable, Iterator, Mapping, Optional, Tuple, Uni
 import torch
 from torch import nn
 
-from ..delta_layer import DeltaLayer
+from ..core.layers import DeltaLayer
 
 HASH_PREFIX = "sha256:"
 #: tensors at least this large (bytes) are hashed in worker threads.

@@ -65,7 +65,7 @@ def static_sizes(module: nn.Module) -> Optional[Sizes]:
     own = leaf_sizes(module)
     if own is not None:
         return own
-    from ..delta_layer import DeltaLayer
+    from .layers import DeltaLayer
 
     sized = [s for m in module.modules() if not isinstance(m, DeltaLayer)
              and not isinstance(m, nn.Embedding) and (s := leaf_sizes(m)) is not None]
@@ -83,7 +83,7 @@ def probe_sizes(backbone: nn.Module, names: Iterable[str]) -> Dict[str, Sizes]:
         RuntimeError: the dummy forward failed or never reached a named module; the
             message names the modules and the original error.
     """
-    from ..delta_layer import primary_input, primary_tensor
+    from .layers import primary_input, primary_tensor
 
     names = list(names)
     modules = dict(backbone.named_modules())

@@ -1,6 +1,6 @@
 """A one-shot local web page for choosing the modules to modify, on ``http.server``.
 
-The page shows the folded module tree (see :mod:`opendelta.utils.visualization`) and
+The page shows the folded module tree (see :mod:`opendelta.tools.visualization`) and
 posts the selected full module names to ``/submit``. The server then hands them to the
 waiting Python call and stops. Only the standard library is used.
 
@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 
 from torch import nn
 
-from ...delta_layer import DeltaLayer
+from ...core.layers import DeltaLayer
 from ..visualization import StructureNode, build_structure
 
 TEMPLATE = Path(__file__).with_name("templates") / "index.html"

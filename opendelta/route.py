@@ -16,7 +16,7 @@ when the routes cover the rows the model sees (``num_beams`` / ``num_return_sequ
 multiply them: repeat each route accordingly).
 
 How it works: the dispatch hooks of every modified module (see
-:mod:`opendelta.delta_layer`) group their layers by delta name, take the rows of that group
+:mod:`opendelta.core.layers`) group their layers by delta name, take the rows of that group
 from the module's inputs and output (``index_select`` on dimension 0), run the layers on
 those rows only, and write the results back with one ``index_copy`` / ``index_add`` per
 module. There is no Python loop over examples, only over the deltas present on a module.
@@ -50,8 +50,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import delta_layer
-from .delta_layer import ROUTING, DeltaLayer, iter_delta_layers, primary_tensor, replace_primary_tensor
+from .core import layers as delta_layer
+from .core.layers import ROUTING, DeltaLayer, iter_delta_layers, primary_tensor, replace_primary_tensor
 
 __all__ = ["route", "current_routes", "Routing"]
 

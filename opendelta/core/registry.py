@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Dict, List, Type
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .basemodel import DeltaBase
+    from .base import DeltaBase
 
 DELTA_MODELS: Dict[str, "Type[DeltaBase]"] = {}
 #: other spellings accepted for a delta_type (original OpenDelta's and common variants).

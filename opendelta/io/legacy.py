@@ -7,7 +7,7 @@ Three differences from our format are bridged:
 * **Targets.** A default configuration is saved with OpenDelta's internal common names
   marked with ``@`` (``"attn@.q@"``) and its own default list, which may name modules the
   backbone does not have (``"lm_head@.proj@"`` on a classifier). ``@`` marks are stripped by
-  :class:`~opendelta.basemodel.DeltaBase`; entries that match no module are dropped here,
+  :class:`~opendelta.core.base.DeltaBase`; entries that match no module are dropped here,
   as the original skipped them.
 * **BitFit.** The original trained the backbone's existing biases in place
   (``...query.bias``); ours adds a zero-initialised bias delta (``...query.bitfit.bias``)
@@ -16,7 +16,7 @@ Three differences from our format are bridged:
   float rounding, ~1e-7). Biases the original did not touch get a zero delta.
 * **The backbone hash** is the md5 of the original's recipe (including the delta's random
   parameters), never comparable with ours: it is not checked (see
-  :func:`opendelta.utils.model_hash.is_comparable_hash`).
+  :func:`opendelta.io.hashing.is_comparable_hash`).
 
 Parameter names of the other methods are the same in both libraries, and extra entries
 (``classifier.*``) are backbone parameters the original left trainable: they load as such.
@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any, Dict
 import torch
 from torch import nn
 
-from .name_based_addressing import endswith_in
-from .structure_mapping import CommonStructureMap
+from ..core.addressing import endswith_in
+from ..core.structure import CommonStructureMap
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..basemodel import DeltaBase
+    from ..core.base import DeltaBase
 
 
 def is_legacy_config(config: Dict[str, Any]) -> bool:
@@ -68,7 +68,7 @@ def upgrade_legacy_config(config: Dict[str, Any], backbone_model: nn.Module) -> 
 
 
 def _normalised_type(delta_type: Any) -> str:
-    from ..registry import get_delta_class
+    from ..core.registry import get_delta_class
 
     try:
         return get_delta_class(str(delta_type)).delta_type
@@ -81,7 +81,7 @@ def convert_legacy_state_dict(delta: "DeltaBase", state_dict: Dict[str, torch.Te
     """Turn an OpenDelta 0.3.x state dict into the canonical names of ``delta``.
 
     Only BitFit changes (see the module docstring); everything else passes through and is
-    checked strictly by :meth:`~opendelta.utils.saving_loading.SaveLoadMixin.load_delta_state_dict`.
+    checked strictly by :meth:`~opendelta.io.checkpoint.SaveLoadMixin.load_delta_state_dict`.
     """
     if delta.delta_type != "bitfit":
         return dict(state_dict)

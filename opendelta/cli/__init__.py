@@ -46,8 +46,8 @@ def _progress():
 
 # ---------------------------------------------------------------------------------- train
 def cmd_train(args: argparse.Namespace) -> int:
-    from .registry import get_delta_class
-    from .text_classification import (DataError, TrainSettings, default_model_path, load_bbc_news,
+    from ..core.registry import get_delta_class
+    from .train import (DataError, TrainSettings, default_model_path, load_bbc_news,
                                       load_table, train_classifier)
 
     get_delta_class(args.delta)  # unknown types fail before anything heavy happens
@@ -90,8 +90,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
-    from .registry import get_delta_class
-    from .utils.visualization import Visualization
+    from ..core.registry import get_delta_class
+    from ..tools.visualization import Visualization
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -32,7 +32,7 @@ HOST_HANDLES = "_opendelta_hook_handles"
 #: Merged layers (folded into the host's weights) are left out.
 HOST_PRE = "_opendelta_pre_layers"
 HOST_POST = "_opendelta_post_layers"
-#: the per-example routing in force (an :class:`opendelta.routing.Routing`), set by
+#: the per-example routing in force (an :class:`opendelta.route.Routing`), set by
 #: :func:`opendelta.route`; ``None``: every attached delta runs on every example.
 ROUTING: ContextVar[Any] = ContextVar("opendelta_routing", default=None)
 #: number of ``route`` blocks open in any thread. The hot path tests this plain int first:
@@ -166,7 +166,7 @@ def _run_pre_hooks(host: nn.Module, args, kwargs):
     if ROUTING_BLOCKS:
         routing = ROUTING.get()
         if routing is not None:
-            from .routing import routed_pre_hooks
+            from ..route import routed_pre_hooks
 
             return routed_pre_hooks(host, host.__dict__[HOST_PRE], args, kwargs, routing)
     changed = False
@@ -184,7 +184,7 @@ def _run_post_hooks(host: nn.Module, args, kwargs, output):
     if ROUTING_BLOCKS:
         routing = ROUTING.get()
         if routing is not None:
-            from .routing import routed_post_hooks
+            from ..route import routed_post_hooks
 
             return routed_post_hooks(host, host.__dict__[HOST_POST], args, kwargs, output, routing)
     children = host._modules

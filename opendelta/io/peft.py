@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type, Union
 import torch
 from torch import nn
 
-from .checkpoint_files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object,
+from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object,
                                read_weights, write_files_atomically)
-from .shapes import is_conv1d_transposed
+from ..core.shapes import is_conv1d_transposed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..basemodel import DeltaBase
+    from ..core.base import DeltaBase
 
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<host>.+)\.lora_(?P<which>A|B)\.weight$")
@@ -171,7 +171,7 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
         raise CheckpointError(f"{file} holds no LoRA weights (no '*.lora_A.weight' keys)")
 
     if delta_class is None:
-        from ..registry import get_delta_class
+        from ..core.registry import get_delta_class
 
         delta_class = get_delta_class("lora")
     try:

@@ -29,7 +29,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .delta_layer import detach_layer, refresh_hooks
+from .layers import detach_layer, refresh_hooks
 
 #: attribute on a host module: the mergeable layers folded into it, in merge order.
 _MERGE_STACK = "_opendelta_merge_stack"
@@ -41,7 +41,7 @@ class MergeableLayer:
     """Mixin for delta layers that are linear re-parameterisations of their host.
 
     Subclasses implement :meth:`merge_updates`. The mixin keeps the ``merged`` flag (read by
-    the dispatcher, see :func:`opendelta.delta_layer.refresh_hooks`) and the optional copies.
+    the dispatcher, see :func:`opendelta.core.layers.refresh_hooks`) and the optional copies.
     """
 
     merged: bool = False
@@ -189,7 +189,7 @@ class MergeMixin:
             layer._merge_backup = None
             detach_layer(host, layer)
         if self._sets_state_dict:
-            from .basemodel import set_trainable_state_dict
+            from .base import set_trainable_state_dict
 
             set_trainable_state_dict(self.backbone_model, False)
             self._sets_state_dict = False

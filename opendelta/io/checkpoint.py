@@ -23,8 +23,8 @@ unexpected key or a wrong shape raises :class:`CheckpointError` naming the file 
 keys, and the backbone is left as it was.
 
 Directories written by the original OpenDelta 0.3.x (``pytorch_model.bin``, read with
-``torch.load(weights_only=True)``) load too, see :mod:`opendelta.utils.legacy`; so do LoRA
-adapters saved by PEFT (``adapter_config.json``), see :mod:`opendelta.utils.peft_interop`.
+``torch.load(weights_only=True)``) load too, see :mod:`opendelta.io.legacy`; so do LoRA
+adapters saved by PEFT (``adapter_config.json``), see :mod:`opendelta.io.peft`.
 """
 from __future__ import annotations
 
@@ -37,17 +37,17 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Un
 import torch
 from torch import nn
 
-from ..delta_configs import BaseDeltaConfig
-from ..delta_layer import is_delta_parameter_name
-from .model_hash import gen_model_hash, has_meta_parameters, is_comparable_hash
-from .checkpoint_files import (CONFIG_NAME, PEFT_CONFIG_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
+from ..core.config import BaseDeltaConfig
+from ..core.layers import is_delta_parameter_name
+from .hashing import gen_model_hash, has_meta_parameters, is_comparable_hash
+from .files import (CONFIG_NAME, PEFT_CONFIG_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
                                BackboneHashWarning, CheckpointError, PathLike, _short_list,
                                library_versions, read_config_file, read_weights, weights_file,
                                write_files_atomically)
 from .hub import push_checkpoint_to_hub, resolve_checkpoint_dir
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..basemodel import DeltaBase
+    from ..core.base import DeltaBase
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ _DELTA_CENTER_ARGS = ("push_to_dc", "center_args", "center_args_pool", "list_tag
 # =========================================================================== the mixin
 class SaveLoadMixin:
     """``save_finetuned`` / ``from_finetuned`` and the lower-level checkpoint helpers of
-    :class:`~opendelta.basemodel.DeltaBase`."""
+    :class:`~opendelta.core.base.DeltaBase`."""
 
     # ------------------------------------------------------------------ names
     def _canonical_prefixes(self: "DeltaBase") -> Dict[str, str]:
@@ -88,7 +88,7 @@ class SaveLoadMixin:
         With nothing frozen (``freeze_module`` never called) the backbone is not saved:
         a delta checkpoint never turns into a copy of the whole model.
         """
-        from .model_hash import backbone_parameters
+        from .hashing import backbone_parameters
 
         params = list(backbone_parameters(self.backbone_model))
         if all(p.requires_grad for _, p in params):
@@ -266,7 +266,7 @@ class SaveLoadMixin:
                           "Face Hub", stacklevel=2)
         if push_to_hub and not repo_id:
             raise ValueError("push_to_hub=True needs repo_id='org/name'")
-        from .distributed import has_sharded_parameters, save_finetuned_distributed
+        from ..integrations.distributed import has_sharded_parameters, save_finetuned_distributed
 
         if state_dict is None and has_sharded_parameters(self.backbone_model):
             # FSDP2: a collective; every rank gathers the delta's shards, rank 0 writes.
@@ -310,7 +310,7 @@ class SaveLoadMixin:
         backbone = self.backbone_model
         name = getattr(getattr(backbone, "config", None), "_name_or_path", None) \
             or self.config.backbone_checkpoint_name
-        from .distributed import has_sharded_parameters, unsharded_class
+        from ..integrations.distributed import has_sharded_parameters, unsharded_class
 
         # FSDP2 (DTensor parameters): hashing values would need a collective gather of the
         # whole backbone, and its classes are renamed (FSDPLlama...): record neither hash.
@@ -369,7 +369,7 @@ class SaveLoadMixin:
                                            force_download=force_download, revision=revision, token=token)
         if delta_config is None and not os.path.isfile(os.path.join(directory, CONFIG_NAME)) \
                 and os.path.isfile(os.path.join(directory, PEFT_CONFIG_NAME)):
-            from .peft_interop import load_peft_lora
+            from .peft import load_peft_lora
 
             delta = load_peft_lora(directory, backbone_model, delta_class=_lora_class_for(cls))
             backbone_model.eval()
@@ -438,7 +438,7 @@ def _rename_prefix(key: str, prefixes: Dict[str, str]) -> str:
 def _build_config(cls: type, config: Union[BaseDeltaConfig, Dict[str, Any]], source: str) -> BaseDeltaConfig:
     if isinstance(config, BaseDeltaConfig):
         return config
-    from ..registry import get_delta_class
+    from ..core.registry import get_delta_class
 
     delta_type = config.get("delta_type")
     if delta_type is None:
@@ -456,7 +456,7 @@ def _build_config(cls: type, config: Union[BaseDeltaConfig, Dict[str, Any]], sou
 
 
 def _class_for(cls: type, config: BaseDeltaConfig, source: str) -> type:
-    from ..registry import get_delta_class
+    from ..core.registry import get_delta_class
 
     delta_class = get_delta_class(config.delta_type)
     if getattr(cls, "delta_type", "") and not issubclass(delta_class, cls) and not issubclass(cls, delta_class):
@@ -467,7 +467,7 @@ def _class_for(cls: type, config: BaseDeltaConfig, source: str) -> type:
 
 
 def _lora_class_for(cls: type) -> type:
-    from ..registry import get_delta_class
+    from ..core.registry import get_delta_class
 
     lora = get_delta_class("lora")
     if getattr(cls, "delta_type", "") and not issubclass(cls, lora):

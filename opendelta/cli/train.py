@@ -191,9 +191,9 @@ def train_classifier(model_path: str, data: Dataset, settings: TrainSettings, ou
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from .auto_delta import AutoDeltaConfig
-    from .registry import get_delta_class
-    from .utils.inspect import inspect_module_statistics
+    from ..core.auto import AutoDeltaConfig
+    from ..core.registry import get_delta_class
+    from ..tools.inspect import inspect_module_statistics
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

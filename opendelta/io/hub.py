@@ -8,7 +8,7 @@ import os
 import re
 from typing import Any, Optional, Union
 
-from .checkpoint_files import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME,
+from .files import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME,
                                WEIGHTS_NAME, CheckpointError, PathLike, _env_flag)
 
 #: files fetched from the Hub for a checkpoint (whichever exist).

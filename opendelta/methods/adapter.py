@@ -1,0 +1,81 @@
+"""Adapter: a bottleneck MLP with a residual connection, applied to a module's output.
+
+Houlsby et al., 2019. ``h + up(act(down(h)))``; the projections start near zero (normal,
+std 0.01, zero biases), so a fresh adapter is close to the identity.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.base import DeltaBase
+from ..core.config import BaseDeltaConfig
+from ..core.layers import OutputAdapterLayer
+from ..core.registry import registered
+from .activations import check_activation, get_activation
+
+
+@dataclass
+class AdapterConfig(BaseDeltaConfig):
+    """Args:
+        bottleneck_dim: width of the bottleneck (> 0). Default 24.
+        non_linearity: activation between the projections. Default ``"gelu_new"``.
+    """
+
+    delta_type = "adapter"
+    bottleneck_dim: int = 24
+    non_linearity: str = "gelu_new"
+
+    def validate(self) -> None:
+        if not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim <= 0:
+            raise ValueError(f"bottleneck_dim must be a positive integer, got {self.bottleneck_dim!r}")
+        check_activation(self.non_linearity)
+
+
+class AdapterLayer(OutputAdapterLayer):
+    """Bottleneck adapter on a module's output.
+
+    Shapes: host output ``[..., hidden_dim]`` (or a tuple whose first element is) ->
+    same shape. Parameters in ``modulelist``: ``down_proj`` ``[bottleneck, hidden]`` and
+    ``up_proj`` ``[hidden, bottleneck]`` with biases.
+    """
+
+    def __init__(self, hidden_dim: int, bottleneck_dim: int = 24, non_linearity: str = "gelu_new",
+                 device: Any = None, dtype: Any = None):
+        super().__init__()
+        self.modulelist = nn.Sequential()
+        self.modulelist.add_module("down_proj", nn.Linear(hidden_dim, bottleneck_dim, device=device, dtype=dtype))
+        self.modulelist.add_module("non_linear", get_activation(non_linearity))
+        self.modulelist.add_module("up_proj", nn.Linear(bottleneck_dim, hidden_dim, device=device, dtype=dtype))
+        if device is None or torch.device(device).type != "meta":
+            for linear in (self.modulelist.down_proj, self.modulelist.up_proj):
+                nn.init.normal_(linear.weight, std=0.01)
+                nn.init.zeros_(linear.bias)
+
+    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.modulelist.down_proj.weight
+        if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            # Deltas kept in another dtype (``delta_dtype``) outside autocast: compute in theirs.
+            return hidden + self.modulelist(hidden.to(weight.dtype)).to(hidden.dtype)
+        return hidden + self.modulelist(hidden)
+
+
+
+@registered()
+class AdapterModel(DeltaBase):
+    """Sequential adapters after the targets (default: attention output projection and
+    feed-forward down projection). Hyperparameters: see :class:`AdapterConfig`."""
+
+    delta_type = "adapter"
+    config_class = AdapterConfig
+    default_modified_modules = ["attn.proj", "ff.w2"]
+    layer_name = "adapter"
+
+    def add_delta(self, name: str, module: nn.Module) -> None:
+        _, hidden = self.module_sizes(name, module)
+        layer = AdapterLayer(hidden, self.config.bottleneck_dim, self.config.non_linearity,
+                             **self.factory_kwargs(module))
+        self.insert_layer(name, layer)

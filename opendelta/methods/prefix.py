@@ -1,0 +1,517 @@
+"""Prefix tuning: trainable key/value vectors prepended in every targeted attention layer.
+
+Li & Liang, 2021. Each targeted attention attends over ``P = prefix_token_num`` extra
+key/value positions before the real ones. The prefixes go in through transformers' public
+``Cache`` API: for the duration of one attention call the host receives a *cache view*
+(:class:`PrefixedCache`) whose ``update(key, value, layer_idx)`` stores the real keys and
+values in the caller's cache (if any) and returns them with the prefix prepended. So
+
+* the cache only ever holds real tokens: ``generate()`` and position ids are unchanged;
+* prefixes are never rotated (RoPE is applied to the real keys before ``update``), so a
+  cached and an uncached forward see the same prefix at every step;
+* the attention mask gets ``P`` always-visible columns in front (padded batches work);
+  where the model passed no mask (SDPA's fast path) but attention is causal, an explicit
+  causal mask is built, since SDPA's implicit one would be misaligned by ``P`` columns.
+
+With ``reparameterize=True`` (the default, as in OpenDelta) the prefixes of all layers are
+produced by one MLP, ``wte [P, embed_dim] -> Linear(embed_dim, mid_dim) -> Tanh ->
+Linear(mid_dim, sum of 2 * kv_dim)``, held by the first targeted attention as child
+``reparams`` (the names OpenDelta 0.3.2 used, so its checkpoints load). Each layer
+computes its own slice of the MLP's output on every forward: nothing is cached between
+calls, gradients are exact, and a forward through only part of the model (a decoder step)
+needs no state from elsewhere. :meth:`PrefixModel.export_prefixes` replaces the MLP by the
+key/value tensors it computes, for inference.
+
+Supported: BERT, RoBERTa (XLM-R), DistilBERT, GPT-2, OPT, T5 (MT5), BART, Llama, Qwen2 and
+Mistral, with the ``eager`` and ``sdpa`` attention implementations. DistilBERT's attention
+has no cache argument: there ``P`` placeholder positions are prepended to the attention's
+input, the key/value projections write the prefixes into them and the outputs at those
+positions are dropped.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.base import DeltaBase
+from ..core.config import BaseDeltaConfig
+from ..core.layers import DeltaLayer, call_as_kwargs, detach_layer
+from ..core.registry import registered
+
+
+@dataclass
+class PrefixConfig(BaseDeltaConfig):
+    """Args:
+        prefix_token_num: number ``P`` of prefix positions per attention layer (> 0). Default 6.
+        reparameterize: produce the prefixes with an MLP shared by all layers (trains more
+            stably); ``False`` learns them directly. Default ``True``.
+        embed_dim: width of the MLP's input embedding (> 0). Default 512.
+        mid_dim: width of the MLP's hidden layer (> 0). Default 512.
+    """
+
+    delta_type = "prefix"
+    prefix_token_num: int = 6
+    reparameterize: bool = True
+    embed_dim: int = 512
+    mid_dim: int = 512
+
+    def validate(self) -> None:
+        for name in ("prefix_token_num", "embed_dim", "mid_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.reparameterize, bool):
+            raise ValueError(f"reparameterize must be True or False, got {self.reparameterize!r}")
+
+
+# --------------------------------------------------------------------------- architectures
+@dataclass(frozen=True)
+class _AttentionKind:
+    """How prefixes reach one attention class.
+
+    ``inner`` finds the module holding the projections; ``kv_dim`` / ``head_dim`` read its
+    key width and head size; ``cross_arg`` names the argument whose presence makes a call
+    cross-attention (``None``: decided by ``always_cross``); ``placeholder`` marks
+    DistilBERT's cache-less path.
+    """
+
+    inner: Callable[[nn.Module], nn.Module]
+    kv_dim: Callable[[nn.Module], int]
+    head_dim: Callable[[nn.Module], int]
+    cross_arg: Optional[str] = None
+    always_cross: bool = False
+    placeholder: Optional[Tuple[str, str]] = None
+
+
+def _itself(module: nn.Module) -> nn.Module:
+    return module
+
+
+_BERT = _AttentionKind(inner=attrgetter("self"), kv_dim=attrgetter("key.out_features"),
+                       head_dim=attrgetter("attention_head_size"))
+_PROJ = _AttentionKind(inner=_itself, kv_dim=attrgetter("k_proj.out_features"),
+                       head_dim=attrgetter("head_dim"))
+_BART = _AttentionKind(inner=_itself, kv_dim=attrgetter("k_proj.out_features"),
+                       head_dim=attrgetter("head_dim"), cross_arg="key_value_states")
+_GPT2 = _AttentionKind(inner=_itself, kv_dim=attrgetter("embed_dim"), head_dim=attrgetter("head_dim"))
+_T5_SELF = _AttentionKind(inner=attrgetter("SelfAttention"), kv_dim=attrgetter("inner_dim"),
+                          head_dim=attrgetter("key_value_proj_dim"))
+_T5_CROSS = _AttentionKind(inner=attrgetter("EncDecAttention"), kv_dim=attrgetter("inner_dim"),
+                           head_dim=attrgetter("key_value_proj_dim"), cross_arg="key_value_states",
+                           always_cross=True)
+_T5_ATTN = _AttentionKind(inner=_itself, kv_dim=attrgetter("inner_dim"),
+                          head_dim=attrgetter("key_value_proj_dim"), cross_arg="key_value_states")
+_DISTILBERT = _AttentionKind(inner=_itself, kv_dim=attrgetter("k_lin.out_features"),
+                             head_dim=attrgetter("attention_head_size"), placeholder=("k_lin", "v_lin"))
+
+#: attention class name -> how to insert prefixes. Classes of the same family share code.
+_KINDS: Dict[str, _AttentionKind] = {
+    "BertAttention": _BERT, "RobertaAttention": _BERT, "XLMRobertaAttention": _BERT,
+    "DistilBertSelfAttention": _DISTILBERT,
+    "GPT2Attention": _GPT2,
+    "OPTAttention": _PROJ,
+    "T5LayerSelfAttention": _T5_SELF, "MT5LayerSelfAttention": _T5_SELF,
+    "T5LayerCrossAttention": _T5_CROSS, "MT5LayerCrossAttention": _T5_CROSS,
+    "T5Attention": _T5_ATTN, "MT5Attention": _T5_ATTN,
+    "BartAttention": _BART,
+    "LlamaAttention": _PROJ, "Qwen2Attention": _PROJ, "MistralAttention": _PROJ,
+}
+SUPPORTED_ARCHITECTURES = ("BERT", "RoBERTa", "DistilBERT", "GPT-2", "OPT", "T5", "BART", "Llama",
+                           "Qwen2", "Mistral")
+_SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def _unsupported(name: str, module: nn.Module, model: nn.Module) -> NotImplementedError:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = f" ({model_type})" if model_type else ""
+    return NotImplementedError(
+        f"PrefixModel cannot insert prefixes into {name!r}, a {type(module).__name__}{arch}: prefix "
+        f"tuning is implemented for the attention modules of {', '.join(SUPPORTED_ARCHITECTURES)} "
+        f"(classes {', '.join(sorted(_KINDS))}). Target the attention blocks of one of those, or use "
+        "another delta method (LoRA, Adapter, SoftPrompt) for this architecture.")
+
+
+# --------------------------------------------------------------------------- cache view
+class PrefixedCache:
+    """A view of a transformers ``Cache`` (or of none) with prefix keys/values in front.
+
+    Given to one attention call as its ``past_key_values``. ``update`` stores the real
+    keys/values in ``inner`` and returns ``[prefix; cached + new]`` along the sequence axis.
+
+    Args:
+        inner: the caller's cache layer collection (a ``DynamicCache``, the self-attention
+            part of an ``EncoderDecoderCache``, another view), or ``None``.
+        key, value: ``[batch, kv_heads, P, head_dim]``.
+        expected_length: if given, the real key length the attention mask was built for; a
+            cache returning another length (a static cache) raises instead of misaligning.
+    """
+
+    def __init__(self, inner: Any, key: torch.Tensor, value: torch.Tensor,
+                 expected_length: Optional[int] = None):
+        self.inner, self.key, self.value = inner, key, value
+        self.expected_length = expected_length
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.inner is not None:
+            key_states, value_states = self.inner.update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.expected_length is not None and key_states.shape[-2] != self.expected_length:
+            raise NotImplementedError(
+                f"prefix tuning needs a cache that returns exactly the tokens seen so far "
+                f"(got {key_states.shape[-2]} positions, expected {self.expected_length}); static "
+                "or sliding caches are not supported: use the default dynamic cache")
+        key = torch.cat([self.key.to(key_states.dtype), key_states], dim=-2)
+        value = torch.cat([self.value.to(value_states.dtype), value_states], dim=-2)
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Length of the viewed sequence: the ``P`` prefix positions plus what is cached.
+
+        T5 reads this to place queries when computing relative position biases, so its
+        prefixes sit at positions ``-P .. -1`` and real tokens keep their true distances.
+        """
+        past = self.inner.get_seq_length(layer_idx) if self.inner is not None else 0
+        return self.key.shape[-2] + past
+
+
+def _extend_mask(mask: Optional[torch.Tensor], num: int, causal: bool, query_length: int,
+                 key_length: int, past_length: int, dtype: torch.dtype, device: torch.device,
+                 rows: bool = False) -> Optional[torch.Tensor]:
+    """The attention mask with ``num`` always-visible key columns in front.
+
+    ``mask`` is a 4-D ``[batch | 1, heads | 1, query, key]`` mask, boolean (``True`` =
+    visible) or additive float, or ``None``. ``None`` stays ``None`` for bidirectional
+    attention and single-query steps; for causal attention over several queries an explicit
+    additive mask ``[1, 1, query, num + key]`` is built (query ``i`` sees real key ``j`` iff
+    ``j <= past_length + i``). ``rows`` also prepends ``num`` all-visible query rows
+    (DistilBERT's placeholder positions).
+    """
+    if mask is None:
+        if not causal or query_length == 1:
+            return None
+        keys = torch.arange(key_length, device=device)
+        queries = torch.arange(query_length, device=device) + past_length
+        visible = torch.cat([torch.ones(query_length, num, dtype=torch.bool, device=device),
+                             keys[None, :] <= queries[:, None]], dim=1)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+        return mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
+    if mask.dim() != 4:
+        raise NotImplementedError(
+            f"prefix tuning expects a 4-D attention mask inside the attention layer, got shape "
+            f"{tuple(mask.shape)}; use attn_implementation='eager' or 'sdpa'")
+    fill = True if mask.dtype == torch.bool else 0
+    mask = torch.cat([mask.new_full((*mask.shape[:-1], num), fill), mask], dim=-1)
+    if rows and mask.shape[-2] != 1:
+        mask = torch.cat([mask.new_full((*mask.shape[:-2], num, mask.shape[-1]), fill), mask], dim=-2)
+    return mask
+
+
+# --------------------------------------------------------------------------- layers
+@functools.lru_cache(maxsize=None)
+def _argument_names(host_class: type) -> Tuple[str, str, Optional[str]]:
+    """The names of an attention class's hidden-states, attention-mask and cache arguments."""
+    names = list(inspect.signature(host_class.forward).parameters)[1:]
+    mask = next((n for n in ("attention_mask", "mask") if n in names), None)
+    cache = "past_key_values" if "past_key_values" in names else None
+    if mask is None or (cache is None and _KINDS[host_class.__name__].placeholder is None):
+        raise NotImplementedError(f"{host_class.__name__}.forward takes no attention mask or no cache "
+                                  "argument; this transformers version is not supported by PrefixModel")
+    return names[0], mask, cache
+
+
+class PrefixReparameterization(DeltaLayer):
+    """The MLP producing every layer's prefixes (OpenDelta's ``reparams``).
+
+    ``wte`` ``[P, embed_dim]`` -> ``control_trans`` = ``Linear(embed_dim, mid_dim)``, Tanh,
+    ``Linear(mid_dim, out_dim)``; per prefix position the ``out_dim`` outputs are, layer
+    after layer, that layer's key (``kv_dim``) then value (``kv_dim``). It runs no hook of its
+    own: each :class:`PrefixLayer` asks for its slice.
+    """
+
+    uses_post_hook = False
+    supports_routing = False
+
+    def __init__(self, prefix_token_num: int, embed_dim: int, mid_dim: int, out_dim: int,
+                 device: Any = None, dtype: Any = None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.wte = nn.Embedding(prefix_token_num, embed_dim, **factory)
+        self.control_trans = nn.Sequential(nn.Linear(embed_dim, mid_dim, **factory), nn.Tanh(),
+                                           nn.Linear(mid_dim, out_dim, **factory))
+
+    def key_value(self, offset: int, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Key and value ``[P, dim]`` of the layer whose outputs start at ``offset``.
+
+        Only the ``2 * dim`` rows of the last Linear that this layer uses are computed.
+        """
+        hidden = self.control_trans[1](self.control_trans[0](self.wte.weight))
+        last = self.control_trans[2]
+        bias = last.bias[offset:offset + 2 * dim] if last.bias is not None else None
+        out = F.linear(hidden, last.weight[offset:offset + 2 * dim], bias)
+        return out[:, :dim], out[:, dim:]
+
+
+class PrefixLayer(DeltaLayer):
+    """Prefixes of one attention module (its host).
+
+    Holds ``past_key`` / ``past_value`` ``[P, kv_dim]`` when not reparameterised; otherwise
+    reads its slice of a shared :class:`PrefixReparameterization` (kept outside this
+    module's children, so its parameters have one name). Shapes given to the attention:
+    ``[batch, kv_dim // head_dim, P, head_dim]``.
+    """
+
+    uses_pre_hook = True
+    uses_post_hook = False
+    #: prefixes change the key sequence of all rows; per-example routing cannot slice them
+    supports_routing = False
+
+    def __init__(self, host: nn.Module, prefix_token_num: int, kv_dim: int, head_dim: int,
+                 learn_directly: bool, device: Any = None, dtype: Any = None):
+        super().__init__()
+        # The attention class name, not the table entry: layers stay picklable.
+        self.host_class = type(host).__name__
+        self.prefix_token_num, self.kv_dim, self.head_dim = prefix_token_num, kv_dim, head_dim
+        # DistilBERT drops its placeholder outputs after the host ran.
+        self.uses_post_hook = self.kind.placeholder is not None
+        self.reparams_offset = 0
+        self.__dict__["reparams"] = None  # a reference, not a child
+        if learn_directly:
+            self.past_key = nn.Parameter(torch.randn(prefix_token_num, kv_dim, device=device, dtype=dtype))
+            self.past_value = nn.Parameter(torch.randn(prefix_token_num, kv_dim, device=device, dtype=dtype))
+        else:
+            self.register_parameter("past_key", None)
+            self.register_parameter("past_value", None)
+        self.__dict__["_active"] = None  # DistilBERT: (key, value) during one host call
+
+    @property
+    def kind(self) -> _AttentionKind:
+        return _KINDS[self.host_class]
+
+    def set_reparameterization(self, reparams: Optional[PrefixReparameterization], offset: int = 0) -> None:
+        self.__dict__["reparams"] = reparams
+        self.reparams_offset = offset
+
+    def key_value(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """This layer's key and value prefixes, ``[P, kv_dim]`` each."""
+        reparams = self.__dict__["reparams"]
+        if reparams is not None:
+            return reparams.key_value(self.reparams_offset, self.kv_dim)
+        if self.past_key is None:
+            raise RuntimeError("this prefix layer has lost its reparameterization network")
+        return self.past_key, self.past_value
+
+    def _heads(self, x: torch.Tensor, batch: int) -> torch.Tensor:
+        # [P, kv_dim] -> [batch, kv_heads, P, head_dim] (OpenDelta's split into heads).
+        x = x.reshape(self.prefix_token_num, -1, self.head_dim).transpose(0, 1)
+        return x.unsqueeze(0).expand(batch, *x.shape)
+
+    def pre_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+        hidden_arg, mask_arg, cache_arg = _argument_names(type(host))
+        arguments = call_as_kwargs(host, args, kwargs)
+        hidden = arguments[hidden_arg]
+        batch, query_length = hidden.shape[0], hidden.shape[1]
+        inner = self.kind.inner(host)
+        implementation = getattr(getattr(inner, "config", None), "_attn_implementation", None) or "eager"
+        if implementation not in _SUPPORTED_IMPLEMENTATIONS:
+            raise NotImplementedError(
+                f"prefix tuning supports attn_implementation {_SUPPORTED_IMPLEMENTATIONS}, this model "
+                f"uses {implementation!r}; load it with attn_implementation='sdpa'")
+        key, value = self.key_value()
+        num = self.prefix_token_num
+        mask = arguments.get(mask_arg)
+        # A mask built from scratch is additive, in the hidden dtype (right for eager and SDPA).
+        mask_dtype = hidden.dtype if hidden.is_floating_point() else key.dtype
+        if self.kind.placeholder is not None:
+            placeholders = hidden.new_zeros(batch, num, hidden.shape[-1])
+            arguments[hidden_arg] = torch.cat([placeholders, hidden], 1)
+            arguments[mask_arg] = _extend_mask(mask, num, False, query_length, query_length, 0,
+                                               mask_dtype, hidden.device, rows=True)
+            self.__dict__["_active"] = (key, value)
+            return (), arguments
+
+        cross = self.kind.always_cross or (self.kind.cross_arg is not None
+                                           and arguments.get(self.kind.cross_arg) is not None)
+        cache = arguments.get(cache_arg)
+        if cross:
+            # Cross-attention keys are recomputed from the encoder states at every call,
+            # never stored: the caller's cross-attention cache would append them again.
+            cache, past, key_length = None, 0, arguments[self.kind.cross_arg or "key_value_states"].shape[1]
+        else:
+            if cache is not None and hasattr(cache, "self_attention_cache"):
+                cache = cache.self_attention_cache  # an EncoderDecoderCache
+            layer_idx = getattr(inner, "layer_idx", None) or 0
+            past = cache.get_seq_length(layer_idx) if cache is not None else 0
+            key_length = past + query_length
+        # Absent attribute: causal, as transformers' SDPA integration assumes.
+        causal = bool(getattr(inner, "is_causal", True)) and not cross
+        new_mask = _extend_mask(mask, num, causal, query_length, key_length, past, mask_dtype, hidden.device)
+        built = mask is None and new_mask is not None
+        arguments[mask_arg] = new_mask
+        arguments[cache_arg] = PrefixedCache(cache, self._heads(key, batch), self._heads(value, batch),
+                                             expected_length=key_length if built else None)
+        return (), arguments
+
+    # DistilBERT: the placeholder rows are dropped from the attention's output.
+    def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
+        self.__dict__["_active"] = None
+        num = self.prefix_token_num
+        attn_output, *rest = output
+        weights = rest[0] if rest else None
+        if isinstance(weights, torch.Tensor):
+            rest[0] = weights[:, :, num:]
+        return (attn_output[:, num:], *rest)
+
+    def extra_repr(self) -> str:
+        return f"prefix_token_num={self.prefix_token_num}, kv_dim={self.kv_dim}, head_dim={self.head_dim}"
+
+
+class PrefixSlot(DeltaLayer):
+    """DistilBERT only: writes a :class:`PrefixLayer`'s key or value prefix over the
+    placeholder positions of its host projection's output ``[batch, P + seq, kv_dim]``."""
+
+    supports_routing = False
+
+    def __init__(self, owner: PrefixLayer, which: int):
+        super().__init__()
+        self.__dict__["owner"] = owner
+        self.which = which  # 0: key, 1: value
+
+    def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                     output: torch.Tensor) -> torch.Tensor:
+        active = self.__dict__["owner"].__dict__["_active"]
+        if active is None:  # the projection was called outside its attention module
+            return output
+        prefix = active[self.which].to(output.dtype)
+        num = prefix.shape[0]
+        return torch.cat([prefix.unsqueeze(0).expand(output.shape[0], *prefix.shape), output[:, num:]], dim=1)
+
+
+# --------------------------------------------------------------------------- delta model
+@registered(aliases=["prefix_tuning"])
+class PrefixModel(DeltaBase):
+    """Prefix tuning on the attention modules of supported transformers models.
+
+    Default targets: the self-attention of every block (``attn``) and, in encoder-decoder
+    models, the decoder's cross-attention (``crossattn``), as in Li & Liang. Hyperparameters:
+    see :class:`PrefixConfig`. Beyond :class:`DeltaBase`: :meth:`prefix_layers`,
+    :meth:`prefixes` (the key/value tensors each attention sees) and :meth:`export_prefixes`.
+
+    Cost note: a modified cross-attention recomputes its encoder keys/values at every
+    decoding step instead of reading them from the cache (the cache keeps no prefixes).
+
+    Raises:
+        NotImplementedError: a target is an attention module of an unsupported architecture
+            (the message names it and lists the supported ones).
+        ValueError: a T5 stack would get prefixes on some but not all of its attention
+            layers of one kind (they share one relative position bias).
+    """
+
+    delta_type = "prefix"
+    config_class = PrefixConfig
+    default_modified_modules = ["attn", "crossattn"]
+    layer_name = "prefix"
+
+    def add_all_deltas(self, targets: Sequence[str]) -> None:
+        modules = dict(self.backbone_model.named_modules())
+        # Validate every target before touching the backbone: an error leaves it unmodified.
+        kinds = []
+        for name in targets:
+            module = modules[name]
+            kind = _KINDS.get(type(module).__name__)
+            if kind is None or (getattr(module, "is_cross_attention", False) and kind in (_BERT, _GPT2)):
+                raise _unsupported(name, module, self.backbone_model)
+            _argument_names(type(module))
+            kinds.append(kind)
+        self._check_t5_stacks(targets, modules)
+
+        cfg = self.config
+        layers: List[PrefixLayer] = []
+        for name, kind in zip(targets, kinds):
+            module = modules[name]
+            inner = kind.inner(module)
+            layer = PrefixLayer(module, cfg.prefix_token_num, kind.kv_dim(inner), kind.head_dim(inner),
+                                learn_directly=not cfg.reparameterize, **self.factory_kwargs(module))
+            self.insert_layer(name, layer)
+            if kind.placeholder is not None:
+                for which, proj in enumerate(kind.placeholder):
+                    self.insert_layer(f"{name}.{proj}", PrefixSlot(layer, which))
+            layers.append(layer)
+        if cfg.reparameterize and layers:
+            self._add_reparameterization(targets[0], layers)
+
+    def _add_reparameterization(self, first_target: str, layers: List[PrefixLayer]) -> None:
+        host = self.backbone_model.get_submodule(first_target)
+        cfg = self.config
+        offsets = [0]
+        for layer in layers:
+            offsets.append(offsets[-1] + 2 * layer.kv_dim)
+        reparams = PrefixReparameterization(cfg.prefix_token_num, cfg.embed_dim, cfg.mid_dim, offsets[-1],
+                                            **self.factory_kwargs(host))
+        for layer, offset in zip(layers, offsets):
+            layer.set_reparameterization(reparams, offset)
+        name, i = "reparams", 0
+        while name in host._modules:
+            i += 1
+            name = f"reparams_{i}"
+        self.insert_layer(first_target, reparams, child_name=name)
+
+    @staticmethod
+    def _check_t5_stacks(targets: Sequence[str], modules: Dict[str, nn.Module]) -> None:
+        """T5 passes one position bias from the first layer of a stack to the others, so all
+        attention layers of one kind in a stack must have the same number of positions."""
+        groups: Dict[Tuple[str, str], List[str]] = {}
+        for name, module in modules.items():
+            if type(module).__name__ in ("T5LayerSelfAttention", "T5LayerCrossAttention",
+                                         "MT5LayerSelfAttention", "MT5LayerCrossAttention"):
+                stack = name.rsplit(".block.", 1)[0]
+                groups.setdefault((stack, type(module).__name__), []).append(name)
+        chosen = set(targets)
+        for names in groups.values():
+            hit = [n for n in names if n in chosen]
+            if hit and len(hit) != len(names):
+                missing = [n for n in names if n not in chosen]
+                raise ValueError(
+                    f"T5 attention layers of one stack share one position bias, so prefixes must go "
+                    f"into all of them or none; also target {missing}")
+
+    # ------------------------------------------------------------------ prefixes
+    def prefix_layers(self) -> List[Tuple[str, PrefixLayer]]:
+        """``(host module name, layer)`` of every attention this delta modifies."""
+        return [(host, layer) for host, _, layer in self._layers if isinstance(layer, PrefixLayer)]
+
+    @torch.no_grad()
+    def prefixes(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Host module name -> ``(key, value)``, each ``[P, kv_dim]``: what the attention sees."""
+        return {host: tuple(t.detach().clone() for t in layer.key_value())
+                for host, layer in self.prefix_layers()}
+
+    @torch.no_grad()
+    def export_prefixes(self) -> None:
+        """Replace the reparameterisation MLP by the prefixes it computes.
+
+        Afterwards every modified attention holds ``prefix.past_key`` / ``prefix.past_value``
+        (trainable if the MLP was), ``config.reparameterize`` is ``False`` and outputs are
+        unchanged. A no-op when the prefixes are already learnt directly.
+        """
+        reparams = [(h, c, l) for h, c, l in self._layers if isinstance(l, PrefixReparameterization)]
+        if not reparams:
+            return
+        trainable = any(p.requires_grad for _, _, l in reparams for p in l.parameters())
+        for _, layer in self.prefix_layers():
+            key, value = layer.key_value()
+            layer.past_key = nn.Parameter(key.detach().clone(), requires_grad=trainable)
+            layer.past_value = nn.Parameter(value.detach().clone(), requires_grad=trainable)
+            layer.set_reparameterization(None)
+        for entry in reparams:
+            host_name, _, layer = entry
+            if self._attached:
+                detach_layer(self._hosts[host_name], layer)
+            self._layers.remove(entry)
+        self.config = self.config.copy(reparameterize=False)
