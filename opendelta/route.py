@@ -44,19 +44,17 @@ Rules and limits:
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .core import layers as delta_layer
-from .core.layers import ROUTING, DeltaLayer, iter_delta_layers, primary_tensor, replace_primary_tensor
+from .core.dispatch import current_routing, iter_delta_layers, routing_block
+from .core.layers import DeltaLayer, primary_tensor, replace_primary_tensor
 
 __all__ = ["route", "current_routes", "Routing"]
 
 _MIXED = object()  # Routing.uniform when the rows use different deltas
-_BLOCKS_LOCK = threading.Lock()  # guards delta_layer.ROUTING_BLOCKS
 
 
 class Routing:
@@ -96,6 +94,16 @@ class Routing:
     def names(self) -> List[str]:
         return list(self._rows)
 
+    # The two methods the dispatch hooks call while this routing is in force
+    # (see :mod:`opendelta.core.dispatch`).
+    def pre_hooks(self, host: nn.Module, names: Sequence[str], args: Tuple[Any, ...],
+                  kwargs: Dict[str, Any]):
+        return routed_pre_hooks(host, names, args, kwargs, self)
+
+    def post_hooks(self, host: nn.Module, names: Sequence[str], args: Tuple[Any, ...],
+                   kwargs: Dict[str, Any], output: Any) -> Any:
+        return routed_post_hooks(host, names, args, kwargs, output, self)
+
     def rows(self, name: Optional[str], device: torch.device) -> Optional[torch.Tensor]:
         """Indices (int64, on ``device``) of the rows routed to ``name``; ``None`` if none."""
         if name not in self._rows:
@@ -133,15 +141,8 @@ def route(routes: Union[str, None, Sequence[Optional[str]]], model: Optional[nn.
         if unknown:
             raise ValueError(f"route names {unknown} match no delta attached to "
                              f"{type(model).__name__}; attached: {sorted(n for n in attached if n)}")
-    with _BLOCKS_LOCK:
-        delta_layer.ROUTING_BLOCKS += 1
-    token = ROUTING.set(routing)
-    try:
+    with routing_block(routing):
         yield routing
-    finally:
-        ROUTING.reset(token)
-        with _BLOCKS_LOCK:
-            delta_layer.ROUTING_BLOCKS -= 1
     unknown = sorted(set(routing.names) - routing.matched)
     if routing.calls and unknown:
         raise ValueError(f"route names {unknown} matched no attached delta during the forward "
@@ -151,7 +152,7 @@ def route(routes: Union[str, None, Sequence[Optional[str]]], model: Optional[nn.
 
 def current_routes() -> Optional[Tuple[Optional[str], ...]]:
     """The routes of the innermost active :func:`route` block, or ``None``."""
-    routing = ROUTING.get()
+    routing = current_routing()
     return None if routing is None else routing.routes
 
 

@@ -5,7 +5,7 @@ import torch
 import tiny_models as tm
 from helpers import outputs, perturb, trainable_names
 from matrix_cases import EXACT_AT_INIT, METHODS, UNSUPPORTED, real_positions
-from opendelta.core.layers import iter_delta_layers
+from opendelta.core.dispatch import iter_delta_layers
 
 
 @pytest.mark.parametrize("arch", tm.ARCH_NAMES)

@@ -11,7 +11,7 @@ from torch import nn
 import tiny_models as tm
 from helpers import outputs, perturb, trainable_names
 from opendelta import AdapterModel, BitFitModel, DeltaLayer, LoraModel
-from opendelta.core.layers import attach_layer, detach_layer
+from opendelta.core.dispatch import attach_layer, detach_layer
 
 
 class Scale(DeltaLayer):

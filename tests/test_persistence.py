@@ -34,7 +34,7 @@ def assert_unchanged(model, before):
     assert list(after) == list(before)
     for key, value in before.items():
         assert torch.equal(after[key], value), key
-    assert not any(True for _ in opendelta.core.layers.iter_delta_layers(model))
+    assert not any(True for _ in opendelta.core.dispatch.iter_delta_layers(model))
 
 
 def safetensors_layout(path):

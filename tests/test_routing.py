@@ -15,7 +15,7 @@ import opendelta
 import tiny_models as tm
 from helpers import outputs, perturb
 from opendelta import AdapterModel, LoraModel
-from opendelta.core import layers as delta_layer
+from opendelta.core.dispatch import ROUTING_SWITCH
 from opendelta.route import current_routes
 
 ATOL = 1e-5
@@ -140,7 +140,7 @@ def test_route_errors():
     with opendelta.route("b"):  # whole batch: allowed
         outputs(model, inputs)
     assert current_routes() is None
-    assert delta_layer.ROUTING_BLOCKS == 0  # every block closed, errors included
+    assert ROUTING_SWITCH.open_blocks == 0  # every block closed, errors included
 
 
 def test_nested_routes_and_threads():
@@ -154,7 +154,7 @@ def test_nested_routes_and_threads():
         thread.start()
         thread.join()
     assert seen["routes"] is None  # a ContextVar: other threads do not inherit the routing
-    assert current_routes() is None and delta_layer.ROUTING_BLOCKS == 0
+    assert current_routes() is None and ROUTING_SWITCH.open_blocks == 0
 
 
 def test_delta_names_survive_copy_and_pickle():

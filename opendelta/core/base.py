@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from .config import BaseDeltaConfig
-from .layers import DeltaLayer, attach_layer, detach_layer, is_delta_parameter_name
+from .dispatch import attach_layer, detach_layer, is_delta_parameter_name
+from .layers import DeltaLayer
 from .merging import MergeMixin
 from ..io.checkpoint import SaveLoadMixin
 from .addressing import (closest_names, endswith_in, is_child_key,

@@ -1,43 +1,30 @@
-"""The modules that deltas insert into a backbone, and how they are hooked in.
+"""Delta layers: the modules that deltas insert into a backbone, and their protocol.
 
 A :class:`DeltaLayer` is registered as a child of the module it modifies (its *host*), so
 its parameters get names such as ``...query.lora.lora_A`` and travel with the backbone
 through ``deepcopy``, ``torch.save``, ``.to()``, DDP and FSDP. The host's forward is never
-replaced: one forward pre-hook and one forward hook per host (module-level functions,
-registered with ``with_kwargs=True``) run the host's attached delta layers in order.
+replaced: :mod:`opendelta.core.dispatch` hooks the host and runs its layers in order.
 
-Order on one host, as documented by OpenDelta: layers acting *after* the host (and parallel
-ones) run in the order they were added; layers acting *before* it run last-added first.
+The protocol a layer offers (all optional but ``post_forward`` / ``pre_forward``):
+
+* ``pre_forward(host, args, kwargs)`` -> new ``(args, kwargs)`` or ``None``;
+* ``post_forward(host, args, kwargs, output)`` -> the new output;
+* ``merged`` (bool) and the merge methods of :class:`opendelta.core.merging.MergeableLayer`;
+* ``routed_update(host, args, kwargs)``: the additive update of a row-sliced call, read by
+  :mod:`opendelta.route`;
+* ``supports_routing``: whether the layer may run on a subset of the batch rows.
+
+A layer keeps nothing on ``self`` between its pre- and post-hook: values that must travel
+from one hook to another within one forward pass go through
+:func:`opendelta.core.dispatch.push_call_value` / ``pop_call_value`` (per thread and task).
 """
 from __future__ import annotations
 
 import inspect
-import itertools
-from contextvars import ContextVar
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-
-_SEQUENCE = itertools.count()
-
-#: attribute on a host module: the child names of its attached delta layers, in insertion
-#: order. Names rather than modules, so that shallow replicas (``nn.DataParallel``) resolve
-#: their own copies.
-HOST_LAYERS = "_opendelta_layers"
-#: attribute on a host module holding the handles of the two dispatch hooks.
-HOST_HANDLES = "_opendelta_hook_handles"
-#: attributes on a host module: child names of the layers its pre-hook / post-hook run, in
-#: run order, precomputed by :func:`refresh_hooks` so the hot path does no filtering or sorting.
-#: Merged layers (folded into the host's weights) are left out.
-HOST_PRE = "_opendelta_pre_layers"
-HOST_POST = "_opendelta_post_layers"
-#: the per-example routing in force (an :class:`opendelta.route.Routing`), set by
-#: :func:`opendelta.route`; ``None``: every attached delta runs on every example.
-ROUTING: ContextVar[Any] = ContextVar("opendelta_routing", default=None)
-#: number of ``route`` blocks open in any thread. The hot path tests this plain int first:
-#: cheaper than the ContextVar, and traceable by ``torch.compile`` (ContextVar.get is not).
-ROUTING_BLOCKS = 0
 
 
 class DeltaLayer(nn.Module):
@@ -57,10 +44,9 @@ class DeltaLayer(nn.Module):
     #: Layers that change the sequence length (prefixes, soft prompts) set it to False.
     supports_routing: bool = True
 
-    def __init__(self) -> None:
-        super().__init__()
-        # Global creation order; fixes the run order among layers sharing a host.
-        self.sequence_number = next(_SEQUENCE)
+    #: position among the layers of its host, given by the host when the layer is first
+    #: attached (see :func:`opendelta.core.dispatch.attach_layer`); fixes the run order.
+    host_slot: Optional[int] = None
 
     def pre_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
                     ) -> Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]:
@@ -159,116 +145,3 @@ def call_as_kwargs(host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any
     return {**dict(zip(names, args)), **kwargs}
 
 
-# --------------------------------------------------------------------------- dispatch hooks
-# The two hooks below run on every forward of every modified module: they read precomputed
-# name tuples and do nothing else unless a routing is in force (one global int test).
-def _run_pre_hooks(host: nn.Module, args, kwargs):
-    if ROUTING_BLOCKS:
-        routing = ROUTING.get()
-        if routing is not None:
-            from ..route import routed_pre_hooks
-
-            return routed_pre_hooks(host, host.__dict__[HOST_PRE], args, kwargs, routing)
-    changed = False
-    children = host._modules
-    # Already in run order: last added first for layers acting before the host.
-    for name in host.__dict__[HOST_PRE]:
-        result = children[name].pre_forward(host, args, kwargs)
-        if result is not None:
-            args, kwargs = result
-            changed = True
-    return (args, kwargs) if changed else None
-
-
-def _run_post_hooks(host: nn.Module, args, kwargs, output):
-    if ROUTING_BLOCKS:
-        routing = ROUTING.get()
-        if routing is not None:
-            from ..route import routed_post_hooks
-
-            return routed_post_hooks(host, host.__dict__[HOST_POST], args, kwargs, output, routing)
-    children = host._modules
-    for name in host.__dict__[HOST_POST]:
-        output = children[name].post_forward(host, args, kwargs, output)
-    return output
-
-
-def refresh_hooks(host: nn.Module) -> None:
-    """(Re)register the dispatch hooks of ``host`` to match its attached, unmerged layers
-    (called after attaching, detaching, merging or unmerging a layer)."""
-    for handle in getattr(host, HOST_HANDLES, ()):
-        handle.remove()
-    names = host.__dict__.get(HOST_LAYERS, ())
-    if not names:
-        for attr in (HOST_LAYERS, HOST_HANDLES, HOST_PRE, HOST_POST):
-            if attr in host.__dict__:
-                delattr(host, attr)
-        return
-    active = [(n, host._modules[n]) for n in names if not getattr(host._modules[n], "merged", False)]
-    pre = tuple(n for n, layer in reversed(active) if layer.uses_pre_hook)
-    post = tuple(n for n, layer in active if layer.uses_post_hook)
-    host.__dict__[HOST_PRE], host.__dict__[HOST_POST] = pre, post
-    handles = []
-    if pre:
-        handles.append(host.register_forward_pre_hook(_run_pre_hooks, with_kwargs=True))
-    if post:
-        handles.append(host.register_forward_hook(_run_post_hooks, with_kwargs=True))
-    host.__dict__[HOST_HANDLES] = tuple(handles)
-
-
-def attach_layer(host: nn.Module, name: str, layer: DeltaLayer) -> None:
-    """Register ``layer`` as child ``name`` of ``host`` and hook it into the host's forward.
-
-    Layers of a host are kept in creation order (children and hooks alike), so detaching
-    and re-attaching a layer puts it back exactly where it was.
-    """
-    existing = host._modules.get(name)
-    if existing is not None and existing is not layer:
-        raise ValueError(f"module {type(host).__name__} already has a child named {name!r}")
-    names = {id(l): n for n, l in host._modules.items() if isinstance(l, DeltaLayer)}
-    names[id(layer)] = name
-    layers = [l for l in attached_layers(host) if l is not layer] + [layer]
-    layers.sort(key=lambda l: l.sequence_number)
-    # Re-add delta children in creation order after the host's own children.
-    for l in layers:
-        host._modules.pop(names[id(l)], None)
-    for l in layers:
-        host._modules[names[id(l)]] = l
-    host.__dict__[HOST_LAYERS] = tuple(names[id(l)] for l in layers)
-    refresh_hooks(host)
-
-
-def detach_layer(host: nn.Module, layer: DeltaLayer) -> None:
-    """Remove ``layer`` from ``host``: child and hook; the host is as before it was added."""
-    removed = [name for name, child in host._modules.items() if child is layer]
-    for name in removed:
-        del host._modules[name]
-    host.__dict__[HOST_LAYERS] = tuple(n for n in host.__dict__.get(HOST_LAYERS, ()) if n not in removed)
-    refresh_hooks(host)
-
-
-def attached_layers(host: nn.Module) -> Tuple[DeltaLayer, ...]:
-    """The delta layers attached to ``host``, in insertion order."""
-    return tuple(host._modules[n] for n in host.__dict__.get(HOST_LAYERS, ()))
-
-
-def iter_delta_layers(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str, DeltaLayer]]:
-    """``(name, layer)`` for every delta layer inside ``model``, not descending into them."""
-    for name, child in model._modules.items():
-        if child is None:
-            continue
-        full = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, DeltaLayer):
-            yield full, child
-        else:
-            yield from iter_delta_layers(child, full)
-
-
-def is_delta_parameter_name(model: nn.Module, name: str) -> bool:
-    """True if the parameter called ``name`` in ``model`` belongs to a delta layer."""
-    module = model
-    for part in name.split(".")[:-1]:
-        module = module._modules.get(part) if module is not None else None
-        if isinstance(module, DeltaLayer):
-            return True
-    return False

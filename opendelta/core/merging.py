@@ -29,7 +29,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .layers import detach_layer, refresh_hooks
+from .dispatch import detach_layer, refresh_hooks
 
 #: attribute on a host module: the mergeable layers folded into it, in merge order.
 _MERGE_STACK = "_opendelta_merge_stack"

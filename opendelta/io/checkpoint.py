@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..core.config import BaseDeltaConfig
-from ..core.layers import is_delta_parameter_name
+from ..core.dispatch import is_delta_parameter_name
 from .hashing import gen_model_hash, has_meta_parameters, is_comparable_hash
 from .files import (CONFIG_NAME, PEFT_CONFIG_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
                                BackboneHashWarning, CheckpointError, PathLike, _short_list,

@@ -42,7 +42,8 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
-from ..core.layers import DeltaLayer, call_as_kwargs, detach_layer
+from ..core.dispatch import detach_layer
+from ..core.layers import DeltaLayer, call_as_kwargs
 from ..core.registry import registered
 
 

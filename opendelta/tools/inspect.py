@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..core.layers import is_delta_parameter_name
+from ..core.dispatch import is_delta_parameter_name
 
 #: how many parameter names a warning lists before "... and N more".
 _NAMES_SHOWN = 8
