@@ -94,6 +94,17 @@ class Routing:
     def names(self) -> List[str]:
         return list(self._rows)
 
+    def selects(self, name: Optional[str]) -> Optional[bool]:
+        """Whether every row (True), no row (False) or only some rows (None) use ``name``."""
+        if self.uniform is _MIXED:
+            if name in self._rows:
+                return None
+            return False
+        if self.uniform is not None and self.uniform == name:
+            self.matched.add(name)
+            return True
+        return False
+
     # The two methods the dispatch hooks call while this routing is in force
     # (see :mod:`opendelta.core.dispatch`).
     def pre_hooks(self, host: nn.Module, names: Sequence[str], args: Tuple[Any, ...],

@@ -129,7 +129,7 @@ def test_select_two_modules_of_one_layer_in_chromium():
 
     model = build("bert", "cls")
     delta = _pick_in_browser(model, actions)
-    assert sorted(host for host, _, _ in delta._layers) == [f"{PREFIX}.query", f"{PREFIX}.value"]
+    assert sorted(host for host, _, _ in delta.layer_entries()) == [f"{PREFIX}.query", f"{PREFIX}.value"]
     assert delta.modified_modules == [f"{PREFIX}.query", f"{PREFIX}.value"]
     assert _lora_hosts(model) == [f"{PREFIX}.query", f"{PREFIX}.value"]
 
@@ -227,7 +227,7 @@ def test_exact_keys_anchor_names_that_are_tails_of_others():
     keys = exact_keys(["encoder.0", "teacher.encoder.0"], names)
     assert keys == [r"[r]^encoder\.0", "teacher.encoder.0"]
     delta = LoraModel(model, modified_modules=keys[:1])
-    assert [h for h, _, _ in delta._layers] == ["encoder.0"]
+    assert [h for h, _, _ in delta.layer_entries()] == ["encoder.0"]
     # The plain name would have matched both modules.
     model2 = Outer()
-    assert len(LoraModel(model2, modified_modules=["encoder.0"])._layers) == 2
+    assert len(LoraModel(model2, modified_modules=["encoder.0"]).layer_entries()) == 2

@@ -158,11 +158,11 @@ def test_user_guide_examples():
     # Custom usage: BART fc2 with bottleneck 12.
     bart = tm.build("bart", "lm")
     delta = AdapterModel(backbone_model=bart, modified_modules=["fc2"], bottleneck_dim=12)
-    assert len(delta._layers) == 4 and all(l.modulelist.down_proj.out_features == 12 for _, _, l in delta._layers)
+    assert len(delta.layer_entries()) == 4 and all(l.modulelist.down_proj.out_features == 12 for _, _, l in delta.layer_entries())
     # Regex rules: only layer 1's self-attention output of the encoder.
     bart2 = tm.build("bart", "lm")
     delta = LoraModel(bart2, modified_modules=[r"[r]encoder\.layers\.[1]\.self_attn\.out_proj"])
-    assert [h for h, _, _ in delta._layers] == ["model.encoder.layers.1.self_attn.out_proj"]
+    assert [h for h, _, _ in delta.layer_entries()] == ["model.encoder.layers.1.self_attn.out_proj"]
     # Composition: LoRA on key plus Adapter on output of RoBERTa.
     roberta = tm.build("roberta", "cls")
     inputs = tm.example_inputs("roberta", "cls")
@@ -194,7 +194,7 @@ def test_meta_device_llama_7b_without_forward():
     lora = LoraModel(model)
     adapter = AdapterModel(model)
     bitfit = BitFitModel(model)
-    assert len(lora._layers) == 64 and len(adapter._layers) == 64
+    assert len(lora.layer_entries()) == 64 and len(adapter.layer_entries()) == 64
     assert model.model.layers[0].self_attn.q_proj.lora.lora_A.shape == (8, 4096)
     assert model.model.layers[0].mlp.down_proj.adapter.modulelist.up_proj.weight.shape == (4096, 24)
     assert all(p.is_meta for _, p in bitfit.named_parameters())

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 import opendelta
 import tiny_models as tm
 from helpers import outputs, perturb
+from opendelta.io.state import delta_tensors
 from opendelta import AdapterModel, AutoDeltaConfig, AutoDeltaModel, LoraModel, get_delta_class
 from opendelta.io.hashing import gen_model_hash, gen_parameter_hash
 from opendelta.io.files import BackboneHashWarning, CheckpointError
@@ -75,7 +76,7 @@ def test_exact_round_trip_and_file_contents(tmp_path, arch, delta_type):
     # ~4 bytes per fp32 parameter plus a small header.
     n_params = sum(p.numel() for _, p in delta.named_parameters())
     header_len, data = safetensors_layout(path + "/model.safetensors")
-    n_buffer_bytes = sum(b.numel() * b.element_size() for k, b in delta._delta_tensors().items()
+    n_buffer_bytes = sum(b.numel() * b.element_size() for k, b in delta_tensors(delta).items()
                          if not isinstance(b, torch.nn.Parameter))
     assert data == 4 * n_params + n_buffer_bytes
     assert os.path.getsize(path + "/model.safetensors") == 8 + header_len + data

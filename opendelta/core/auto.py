@@ -9,6 +9,9 @@ from torch import nn
 from .base import DeltaBase
 from .config import BaseDeltaConfig
 from .registry import get_delta_class
+from ..io.files import read_config_file
+from ..io.hub import resolve_checkpoint_dir
+from ..io.loading import build_config
 
 
 class AutoDeltaConfig:
@@ -44,13 +47,11 @@ class AutoDeltaConfig:
             CheckpointError: no such directory or repo, missing or invalid ``config.json``,
                 unknown ``delta_type`` (the message names the file).
         """
-        from ..io.checkpoint import _build_config, read_config_file, resolve_checkpoint_dir
-
         directory = resolve_checkpoint_dir(finetuned_delta_path, cache_dir=cache_dir,
                                            local_files_only=local_files_only,
                                            force_download=force_download, revision=revision, token=token)
         config_dict = {**read_config_file(directory), **overrides}
-        return _build_config(cls, config_dict, os.path.join(directory, "config.json"))
+        return build_config(cls, config_dict, os.path.join(directory, "config.json"))
 
 
 class AutoDeltaModel:

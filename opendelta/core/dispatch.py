@@ -177,6 +177,12 @@ def attach_layer(host: nn.Module, name: str, layer: DeltaLayer) -> None:
     there; a layer re-attached keeps its slot, so it goes back exactly where it was.
     """
     existing = host._modules.get(name)
+    if layer.replaces_child:  # the layer stands in for the child it replaces
+        if existing is not layer.__dict__["original"] and existing is not layer:
+            raise ValueError(f"module {type(host).__name__}'s child {name!r} is no longer the module "
+                             "this delta replaced")
+        host._modules[name] = layer
+        return
     if existing is not None and existing is not layer:
         raise ValueError(f"module {type(host).__name__} already has a child named {name!r}")
     if layer.host_slot is None:
@@ -202,6 +208,10 @@ def detach_layer(host: nn.Module, layer: DeltaLayer) -> None:
     """Remove ``layer`` from ``host``: child and hook; the host is as before it was added
     (but for its slot counter, which only ever grows)."""
     removed = [name for name, child in host._modules.items() if child is layer]
+    if layer.replaces_child:
+        for name in removed:
+            host._modules[name] = layer.__dict__["original"]
+        return
     for name in removed:
         del host._modules[name]
     host.__dict__[HOST_LAYERS] = tuple(n for n in host.__dict__.get(HOST_LAYERS, ()) if n not in removed)
@@ -228,8 +238,10 @@ def iter_delta_layers(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str,
 def is_delta_parameter_name(model: nn.Module, name: str) -> bool:
     """True if the parameter called ``name`` in ``model`` belongs to a delta layer."""
     module: Optional[nn.Module] = model
-    for part in name.split(".")[:-1]:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
         module = module._modules.get(part) if module is not None else None
         if isinstance(module, DeltaLayer):
-            return True
+            owns = getattr(module, "owns_parameter", None)
+            return True if owns is None else owns(".".join(parts[i + 1:]))
     return False

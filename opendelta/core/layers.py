@@ -20,8 +20,10 @@ from one hook to another within one forward pass go through
 """
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -43,6 +45,9 @@ class DeltaLayer(nn.Module):
     #: whether :func:`opendelta.route` may run this layer on a subset of the batch rows.
     #: Layers that change the sequence length (prefixes, soft prompts) set it to False.
     supports_routing: bool = True
+    #: the layer takes the place of its host's child of the same name instead of hooking
+    #: into the host (``replace_module``, see :mod:`opendelta.core.extension`).
+    replaces_child: bool = False
 
     #: position among the layers of its host, given by the host when the layer is first
     #: attached (see :func:`opendelta.core.dispatch.attach_layer`); fixes the run order.
@@ -62,22 +67,6 @@ class DeltaLayer(nn.Module):
         raise RuntimeError(
             f"{type(self).__name__} is a delta layer: it runs through hooks on the module it "
             "modifies. Call the backbone model instead.")
-
-
-class OutputAdapterLayer(DeltaLayer):
-    """A layer that transforms its host's hidden-state output with :meth:`adapt`.
-
-    The host's output may be a tensor or a tuple whose first element is the hidden states;
-    only those are changed. Adapter, LowRankAdapter and Compacter layers are of this kind.
-    """
-
-    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., hidden] -> [..., hidden]``."""
-        raise NotImplementedError
-
-    def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
-                     output: Any) -> Any:
-        return replace_primary_tensor(output, self.adapt(primary_tensor(output)))
 
 
 # --------------------------------------------------------------------------- hidden states
@@ -120,28 +109,58 @@ def replace_primary_input(args: Tuple[Any, ...], kwargs: Dict[str, Any], tensor:
     raise TypeError("cannot find the hidden-state input of the module call")
 
 
-_POSITIONAL_NAMES: Dict[type, Tuple[str, ...]] = {}
+@functools.lru_cache(maxsize=None)
+def positional_names(cls: type) -> Tuple[str, ...]:
+    """Names of the parameters of ``cls.forward`` that can be passed positionally (read
+    once per class)."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
+    if any(p.kind is p.POSITIONAL_ONLY for p in params):
+        raise TypeError(f"{cls.__name__}.forward has positional-only parameters; a delta cannot "
+                        "pass them by name")
+    return tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
 
 
 def call_as_kwargs(host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """All arguments of a call of ``host`` by name, the positional ones named after the
-    parameters of its class's ``forward`` (read once per class, not per call).
+    parameters of its class's ``forward``.
 
     A pre-hook that needs arguments by name returns ``((), call_as_kwargs(...))``.
     """
     if not args:
         return dict(kwargs)
-    cls = type(host)
-    names = _POSITIONAL_NAMES.get(cls)
-    if names is None:
-        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
-        if any(p.kind is p.POSITIONAL_ONLY for p in params):
-            raise TypeError(f"{cls.__name__}.forward has positional-only parameters; a delta cannot "
-                            "pass them by name")
-        names = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
-        _POSITIONAL_NAMES[cls] = names
+    names = positional_names(type(host))
     if len(args) > len(names):
-        raise TypeError(f"{cls.__name__}.forward got {len(args)} positional arguments; it takes {len(names)}")
+        raise TypeError(f"{type(host).__name__}.forward got {len(args)} positional arguments; "
+                        f"it takes {len(names)}")
     return {**dict(zip(names, args)), **kwargs}
 
 
+# --------------------------------------------------------------------------- records
+class LayerEntry(NamedTuple):
+    """One layer a delta model inserted: on the module called ``host_name`` (``""``: the
+    backbone itself), as its child ``child_name``."""
+
+    host_name: str
+    child_name: str
+    layer: DeltaLayer
+
+
+@dataclass
+class DeltaLifecycle:
+    """The state of a delta model that is not in its layers (the merge state of each layer
+    is on the layer, see :class:`opendelta.core.merging.MergeableLayer`).
+
+    Attributes:
+        attached: the layers are in the backbone (children and hooks).
+        filters_state_dict: ``freeze_module(set_state_dict=True)`` made the backbone's
+            ``state_dict`` trainable-only; detach/attach take the filter out and back.
+        merged_away: ``merge_and_detach()`` folded the delta into the backbone for good.
+        remerge_on_attach: ``detach()`` unmerged a merged delta; ``attach()`` merges it again.
+        merge_keep_copy: the ``keep_copy`` option of the last ``merge()``.
+    """
+
+    attached: bool = True
+    filters_state_dict: bool = False
+    merged_away: bool = False
+    remerge_on_attach: bool = False
+    merge_keep_copy: bool = False

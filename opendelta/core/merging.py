@@ -29,7 +29,8 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .dispatch import detach_layer, refresh_hooks
+from .dispatch import refresh_hooks
+from .freezing import set_trainable_state_dict
 
 #: attribute on a host module: the mergeable layers folded into it, in merge order.
 _MERGE_STACK = "_opendelta_merge_stack"
@@ -95,17 +96,25 @@ class MergeableLayer:
 
 
 class MergeMixin:
-    """``merge`` / ``unmerge`` / ``merge_and_detach`` for :class:`opendelta.DeltaBase`."""
+    """``merge`` / ``unmerge`` / ``merge_and_detach`` for :class:`opendelta.DeltaBase`.
+
+    Uses only the delta model's declared interface: ``layer_entries()``, ``host_module()``,
+    ``remove_layer()``, ``lifecycle`` (:class:`~opendelta.core.layers.DeltaLifecycle`),
+    ``name`` and ``backbone_model``; the merge state of each layer is on the layer.
+    """
 
     # ----------------------------------------------------------------- helpers
     def _merge_pairs(self) -> List[Tuple[str, nn.Module, Any]]:
         """``(host name, host, layer)`` for every layer of this delta, in insertion order."""
-        return [(host_name, self._hosts[host_name], layer) for host_name, _, layer in self._layers]
+        return [(e.host_name, self.host_module(e.host_name), e.layer) for e in self.layer_entries()]
 
-    def _check_mergeable(self, create_missing: bool = False) -> None:
-        if getattr(self, "_merged_away", False):
+    def _check_not_merged_away(self) -> None:
+        if self.lifecycle.merged_away:
             raise RuntimeError(f"{type(self).__name__} {self.name!r} was merged into the backbone "
                                "by merge_and_detach(); it has no layers left")
+
+    def _check_mergeable(self, create_missing: bool = False) -> None:
+        self._check_not_merged_away()
         for host_name, host, layer in self._merge_pairs():
             if not isinstance(layer, MergeableLayer):
                 raise TypeError(
@@ -119,7 +128,8 @@ class MergeMixin:
     @property
     def is_merged(self) -> bool:
         """True when this delta's layers are folded into the backbone's weights."""
-        return bool(self._layers) and all(getattr(l, "merged", False) for _, _, l in self._layers)
+        entries = self.layer_entries()
+        return bool(entries) and all(getattr(e.layer, "merged", False) for e in entries)
 
     # ----------------------------------------------------------------- public API
     def merge(self, keep_copy: bool = False, safe: bool = False) -> None:
@@ -138,7 +148,7 @@ class MergeMixin:
             RuntimeError: the delta is detached.
         Merging an already merged delta does nothing.
         """
-        if not self._attached:
+        if not self.lifecycle.attached:
             raise RuntimeError(f"{self.name!r} is detached; attach() it before merge()")
         self._check_mergeable()
         pending = [(n, h, l) for n, h, l in self._merge_pairs() if not l.merged]
@@ -151,7 +161,7 @@ class MergeMixin:
                                          f"weights of {name!r}; nothing was merged")
         for host, layer, updates in plans:
             layer.merge(host, keep_copy=keep_copy, updates=updates)
-        self.__dict__["_merge_keep_copy"] = keep_copy
+        self.lifecycle.merge_keep_copy = keep_copy
 
     def unmerge(self) -> None:
         """Take a merged delta out of the backbone's weights; its hooks run again.
@@ -173,28 +183,26 @@ class MergeMixin:
         modules were created as new backbone parameters (``requires_grad`` as the module's
         weight). The delta object has no layers left and cannot be attached again.
         """
-        if not self._attached:
+        if not self.lifecycle.attached:
             raise RuntimeError(f"{self.name!r} is detached; attach() it before merge_and_detach()")
         self._check_mergeable(create_missing=True)
         for _, host, layer in self._merge_pairs():
             if not layer.merged:
                 layer.merge(host, updates=layer.merge_updates(host, create_missing=True))
-        for host_name, _, layer in self._layers:
-            host = self._hosts[host_name]
+        for entry in reversed(self.layer_entries()):
+            host = self.host_module(entry.host_name)
             stack = host.__dict__.get(_MERGE_STACK)
             if stack is not None:
-                stack[:] = [l for l in stack if l is not layer]
+                stack[:] = [l for l in stack if l is not entry.layer]
                 if not stack:
                     del host.__dict__[_MERGE_STACK]
-            layer._merge_backup = None
-            detach_layer(host, layer)
-        if self._sets_state_dict:
-            from .base import set_trainable_state_dict
-
+            entry.layer._merge_backup = None
+            self.remove_layer(entry)
+        if self.lifecycle.filters_state_dict:
             set_trainable_state_dict(self.backbone_model, False)
-            self._sets_state_dict = False
-        self._layers, self._hosts, self._attached = [], {}, False
-        self.__dict__["_merged_away"] = True
+            self.lifecycle.filters_state_dict = False
+        self.lifecycle.attached = False
+        self.lifecycle.merged_away = True
         return self.backbone_model
 
     # ----------------------------------------------------------------- detach / attach
@@ -202,13 +210,16 @@ class MergeMixin:
         """Called by ``detach()``: a merged delta is unmerged first (see module docs)."""
         if self.is_merged:
             self.unmerge()
-            self.__dict__["_remerge_on_attach"] = True
+            self.lifecycle.remerge_on_attach = True
+
+    def _check_reattachable(self) -> None:
+        """Called by ``attach()`` before anything is attached."""
+        if self.lifecycle.merged_away:
+            raise RuntimeError(f"{type(self).__name__} {self.name!r} was merged into the backbone "
+                               "by merge_and_detach() and cannot be attached again")
 
     def _finish_attach(self) -> None:
         """Called at the end of ``attach()``: re-merge what ``detach()`` unmerged."""
-        if getattr(self, "_merged_away", False):
-            self._attached = False
-            raise RuntimeError(f"{type(self).__name__} {self.name!r} was merged into the backbone "
-                               "by merge_and_detach() and cannot be attached again")
-        if self.__dict__.pop("_remerge_on_attach", False):
-            self.merge(keep_copy=self.__dict__.get("_merge_keep_copy", False))
+        if self.lifecycle.remerge_on_attach:
+            self.lifecycle.remerge_on_attach = False
+            self.merge(keep_copy=self.lifecycle.merge_keep_copy)

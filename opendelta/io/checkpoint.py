@@ -39,12 +39,15 @@ from torch import nn
 
 from ..core.config import BaseDeltaConfig
 from ..core.dispatch import is_delta_parameter_name
-from .hashing import gen_model_hash, has_meta_parameters, is_comparable_hash
+from ..core.freezing import covering_modules
 from .files import (CONFIG_NAME, PEFT_CONFIG_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
-                               BackboneHashWarning, CheckpointError, PathLike, _short_list,
-                               library_versions, read_config_file, read_weights, weights_file,
-                               write_files_atomically)
+                    CheckpointError, PathLike, _short_list, library_versions, read_config_file,
+                    read_weights, weights_file, write_files_atomically)
+from .hashing import gen_model_hash, has_meta_parameters
 from .hub import push_checkpoint_to_hub, resolve_checkpoint_dir
+from .loading import build_config, check_backbone_hash, class_for, lora_class_for
+from .state import (canonical_prefixes, delta_tensors, load_delta_tensors, rename_prefix,
+                    trainable_backbone_tensors)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.base import DeltaBase
@@ -61,44 +64,10 @@ class SaveLoadMixin:
     """``save_finetuned`` / ``from_finetuned`` and the lower-level checkpoint helpers of
     :class:`~opendelta.core.base.DeltaBase`."""
 
-    # ------------------------------------------------------------------ names
-    def _canonical_prefixes(self: "DeltaBase") -> Dict[str, str]:
-        """Actual child prefix -> canonical prefix of every layer of this delta."""
-        out = {}
-        canonical_child = type(self).layer_name
-        for host_name, child_name, _ in self._layers:
-            actual = f"{host_name}.{child_name}" if host_name else child_name
-            child = canonical_child if child_name == self.layer_attr else child_name
-            out[actual] = f"{host_name}.{child}" if host_name else child
-        return out
-
-    def _delta_tensors(self: "DeltaBase") -> Dict[str, torch.Tensor]:
-        """Parameters and persistent buffers of this delta, under canonical names."""
-        prefixes = self._canonical_prefixes()
-        out: Dict[str, torch.Tensor] = {}
-        for layer_prefix, layer in self.delta_layers():
-            canonical = prefixes.get(layer_prefix, layer_prefix)
-            for name, tensor in layer.state_dict(keep_vars=True).items():
-                out.setdefault(f"{canonical}.{name}", tensor)
-        return out
-
-    def _trainable_backbone_tensors(self: "DeltaBase") -> Dict[str, torch.Tensor]:
-        """Backbone (non-delta) parameters left trainable, if the backbone was frozen at all.
-
-        With nothing frozen (``freeze_module`` never called) the backbone is not saved:
-        a delta checkpoint never turns into a copy of the whole model.
-        """
-        from .hashing import backbone_parameters
-
-        params = list(backbone_parameters(self.backbone_model))
-        if all(p.requires_grad for _, p in params):
-            return {}
-        return {name: p for name, p in params if p.requires_grad}
-
     def checkpoint_state_dict(self: "DeltaBase") -> Dict[str, torch.Tensor]:
         """What :meth:`save_checkpoint` writes: delta tensors (canonical names) and the
         trainable backbone parameters, detached, on the CPU."""
-        tensors = {**self._delta_tensors(), **self._trainable_backbone_tensors()}
+        tensors = {**delta_tensors(self), **trainable_backbone_tensors(self)}
         meta = [k for k, v in tensors.items() if v.device.type == "meta"]
         if meta:
             raise CheckpointError(f"cannot save tensors on the meta device ({_short_list(meta)}); "
@@ -137,12 +106,12 @@ class SaveLoadMixin:
                             ) -> Dict[str, torch.Tensor]:
         if state_dict is None:
             return self.checkpoint_state_dict()
-        prefixes = self._canonical_prefixes()
+        prefixes = canonical_prefixes(self)
         out = {}
         for key, value in state_dict.items():
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
-            out[_rename_prefix(key, prefixes)] = value.detach().to("cpu", copy=True).contiguous()
+            out[rename_prefix(key, prefixes)] = value.detach().to("cpu", copy=True).contiguous()
         return out
 
     @staticmethod
@@ -176,59 +145,10 @@ class SaveLoadMixin:
     def load_delta_state_dict(self: "DeltaBase", state_dict: Dict[str, torch.Tensor], strict: bool = True,
                               source: str = "state_dict", allow_missing_buffers: bool = False) -> None:
         """Copy ``state_dict`` (canonical delta names and backbone parameter names) into this
-        delta and the backbone. Everything is checked before anything is written.
-
-        Raises:
-            CheckpointError: (strict) missing delta tensors or unexpected keys; wrong shapes
-                (always). The message names ``source`` and the keys.
-        """
-        targets = self._delta_tensors()
-        backbone = self.backbone_model
-        backbone_params = dict(backbone.named_parameters())
-        persistent_buffers = {k for k, v in targets.items() if not isinstance(v, nn.Parameter)}
-
-        plan: List[Tuple[str, torch.Tensor, torch.Tensor]] = []
-        unexpected, mismatched = [], []
-        for key, value in state_dict.items():
-            target = targets.get(key)
-            if target is None:
-                target = backbone_params.get(key)
-            if target is None:
-                unexpected.append(key)
-                continue
-            if tuple(target.shape) != tuple(value.shape):
-                mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
-                continue
-            plan.append((key, target, value))
-        missing = [k for k in targets if k not in state_dict
-                   and not (allow_missing_buffers and k in persistent_buffers)]
-        on_meta = [key for key, target, _ in plan if target.device.type == "meta"]
-        problems = []
-        if on_meta:
-            problems.append(f"{_short_list(on_meta)} are on the meta device and cannot hold values "
-                            "(materialise the backbone first, e.g. with to_empty() and its weights)")
-        if mismatched:
-            problems.append(f"shape mismatch for {_short_list(mismatched)}")
-        if strict and missing:
-            problems.append(f"missing delta tensors {_short_list(missing)}")
-        if strict and unexpected:
-            problems.append(f"unexpected keys (neither this {self.delta_type} delta's nor backbone "
-                            f"parameters) {_short_list(unexpected)}")
-        if problems:
-            hint = self._architecture_hint()
-            raise CheckpointError(f"{source} does not fit this {type(self).__name__} on "
-                                  f"{type(backbone).__name__}: " + "; ".join(problems) + hint)
-        with torch.no_grad():
-            for _, target, value in plan:
-                target.copy_(value.to(device=target.device, dtype=target.dtype))
-
-    def _architecture_hint(self: "DeltaBase") -> str:
-        saved = getattr(self, "_checkpoint_backbone_class", None)
-        current = type(self.backbone_model).__name__
-        if saved and saved != current:
-            return (f". The checkpoint was made for a {saved}, this backbone is a {current}: "
-                    "load it onto the backbone it was trained on")
-        return ""
+        delta and the backbone; everything is checked before anything is written (see
+        :func:`opendelta.io.state.load_delta_tensors`)."""
+        load_delta_tensors(self, state_dict, strict=strict, source=source,
+                           allow_missing_buffers=allow_missing_buffers)
 
     # ------------------------------------------------------------------ save_finetuned
     def save_finetuned(self: "DeltaBase", finetuned_delta_path: PathLike = "./delta_checkpoints/",
@@ -278,7 +198,7 @@ class SaveLoadMixin:
         writers = {WEIGHTS_NAME: self._weights_writer(
             tensors, {SAVE_ID_KEY: save_id, "delta_type": self.delta_type})}
         if save_config:
-            delta_keys = set(self._delta_tensors())
+            delta_keys = set(delta_tensors(self))
             config = self.config_for_saving(skip_parameters=[k for k in tensors if k not in delta_keys])
             config.extra[SAVE_ID_KEY] = save_id
             text = config.to_json_string()
@@ -293,15 +213,6 @@ class SaveLoadMixin:
             push_checkpoint_to_hub(directory, repo_id, private=private, token=token,
                                    commit_message=commit_message or f"Upload {self.delta_type} delta")
         return directory
-
-    def _unfrozen_covering(self: "DeltaBase", param_names: List[str]) -> List[str]:
-        """``unfrozen_modules`` extended with the modules holding ``param_names``."""
-        unfrozen = list(self.unfrozen_modules or ["deltas"])
-        for param_name in param_names:
-            keys = [k for k in unfrozen if k != "deltas"]
-            if not self._exclusion_matches(param_name, keys, None):
-                unfrozen.append(param_name.rpartition(".")[0] or param_name)
-        return unfrozen
 
     def config_for_saving(self: "DeltaBase", skip_parameters: List[str] = ()) -> BaseDeltaConfig:
         """This delta's config with the backbone's class, name and hash and the library
@@ -318,7 +229,7 @@ class SaveLoadMixin:
         config = self.config.copy(
             # Backbone parameters saved with the delta were trainable: record their modules
             # so that freeze_module() after from_finetuned() leaves them trainable again.
-            unfrozen_modules=self._unfrozen_covering(skip_parameters),
+            unfrozen_modules=covering_modules(self.unfrozen_modules, skip_parameters),
             backbone_class=unsharded_class(backbone).__name__, backbone_checkpoint_name=name or None,
             backbone_hash=None if sharded or has_meta_parameters(backbone)
             else gen_model_hash(backbone, skip_parameters=skip_parameters))
@@ -371,7 +282,7 @@ class SaveLoadMixin:
                 and os.path.isfile(os.path.join(directory, PEFT_CONFIG_NAME)):
             from .peft import load_peft_lora
 
-            delta = load_peft_lora(directory, backbone_model, delta_class=_lora_class_for(cls))
+            delta = load_peft_lora(directory, backbone_model, delta_class=lora_class_for(cls))
             backbone_model.eval()
             return delta
         config_source = os.path.join(directory, CONFIG_NAME)
@@ -381,8 +292,8 @@ class SaveLoadMixin:
 
             if is_legacy_config(config):
                 config = upgrade_legacy_config(config, backbone_model)
-        config = _build_config(cls, config, config_source)
-        delta_class = _class_for(cls, config, config_source)
+        config = build_config(cls, config, config_source)
+        delta_class = class_for(cls, config, config_source)
 
         if state_dict is None:
             file = weights_file(directory)
@@ -397,7 +308,7 @@ class SaveLoadMixin:
             file, tensors, legacy = "the state_dict argument", dict(state_dict), False
 
         if check_hash:
-            _check_backbone_hash(backbone_model, config, tensors, strict_hash, config_source)
+            check_backbone_hash(backbone_model, config, tensors, strict_hash, config_source)
 
         try:  # a construction that fails takes out what it inserted (DeltaBase.__init__)
             delta = delta_class.from_config(config, backbone_model, **overrides)
@@ -408,98 +319,25 @@ class SaveLoadMixin:
                     else "")
             raise CheckpointError(f"{config_source}: cannot rebuild the {config.delta_type} delta on "
                                   f"{type(backbone_model).__name__}{hint}: {err}") from err
-        delta._checkpoint_backbone_class = config.backbone_class
         try:
             if legacy:
                 from .legacy import convert_legacy_state_dict
 
                 tensors = convert_legacy_state_dict(delta, tensors)
-            delta.load_delta_state_dict(tensors, strict=True, source=file, allow_missing_buffers=legacy)
+            load_delta_tensors(delta, tensors, strict=True, source=file, allow_missing_buffers=legacy)
+        except CheckpointError as err:
+            delta.detach()
+            saved, current = config.backbone_class, type(backbone_model).__name__
+            if saved and saved != current:
+                raise CheckpointError(f"{err}. The checkpoint was made for a {saved}, this backbone is "
+                                      f"a {current}: load it onto the backbone it was trained on") from None
+            raise
         except Exception:
             delta.detach()
             raise
         # A legacy checkpoint's head (classifier.*) stays trainable under freeze_module().
         params = dict(backbone_model.named_parameters())
         backbone_keys = [k for k in tensors if k in params and not is_delta_parameter_name(backbone_model, k)]
-        delta.unfrozen_modules = delta._unfrozen_covering(backbone_keys)
-        delta.config.unfrozen_modules = list(delta.unfrozen_modules)
+        delta.unfrozen_modules = covering_modules(delta.unfrozen_modules, backbone_keys)
         backbone_model.eval()
         return delta
-
-
-# =========================================================================== helpers of from_finetuned
-def _rename_prefix(key: str, prefixes: Dict[str, str]) -> str:
-    for actual, canonical in prefixes.items():
-        if key.startswith(actual + "."):
-            return canonical + key[len(actual):]
-    return key
-
-
-def _build_config(cls: type, config: Union[BaseDeltaConfig, Dict[str, Any]], source: str) -> BaseDeltaConfig:
-    if isinstance(config, BaseDeltaConfig):
-        return config
-    from ..core.registry import get_delta_class
-
-    delta_type = config.get("delta_type")
-    if delta_type is None:
-        delta_type = getattr(cls, "delta_type", "") or None
-    if not delta_type:
-        raise CheckpointError(f"{source} has no 'delta_type': it cannot tell which delta to build")
-    try:
-        delta_class = get_delta_class(delta_type)
-    except ValueError as err:
-        raise CheckpointError(f"{source}: {err}") from err
-    try:
-        return delta_class.config_class.from_dict(config)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source} holds an invalid {delta_type} config: {err}") from err
-
-
-def _class_for(cls: type, config: BaseDeltaConfig, source: str) -> type:
-    from ..core.registry import get_delta_class
-
-    delta_class = get_delta_class(config.delta_type)
-    if getattr(cls, "delta_type", "") and not issubclass(delta_class, cls) and not issubclass(cls, delta_class):
-        raise CheckpointError(f"{source} holds a {config.delta_type!r} delta, not a {cls.delta_type!r} "
-                              f"one: load it with {delta_class.__name__}.from_finetuned or "
-                              "AutoDeltaModel.from_finetuned")
-    return cls if getattr(cls, "delta_type", "") and issubclass(cls, delta_class) else delta_class
-
-
-def _lora_class_for(cls: type) -> type:
-    from ..core.registry import get_delta_class
-
-    lora = get_delta_class("lora")
-    if getattr(cls, "delta_type", "") and not issubclass(cls, lora):
-        raise CheckpointError(f"the directory holds a PEFT LoRA adapter ({PEFT_CONFIG_NAME}); load it "
-                              "with LoraModel.from_finetuned or AutoDeltaModel.from_finetuned")
-    return cls if getattr(cls, "delta_type", "") else lora
-
-
-def _check_backbone_hash(backbone: nn.Module, config: BaseDeltaConfig, tensors: Dict[str, torch.Tensor],
-                         strict: bool, source: str) -> None:
-    saved = config.backbone_hash
-    structure_saved = config.extra.get(STRUCTURE_HASH_KEY)
-    if saved is not None and not is_comparable_hash(saved):
-        logger.info("%s: backbone_hash %s was written by OpenDelta 0.3.x (another recipe); "
-                    "not compared", source, saved)
-        return
-    structure_now = gen_model_hash(backbone, with_parameters=False)
-    if has_meta_parameters(backbone) or (structure_saved and structure_saved != structure_now):
-        # Values cannot (meta device) or need not (another structure) be compared.
-        saved, current = structure_saved, structure_now
-        what = "structure (module tree, parameter shapes or dtypes)"
-    else:
-        backbone_keys = set(dict(backbone.named_parameters()))
-        skip = [k for k in tensors if k in backbone_keys]
-        current = gen_model_hash(backbone, skip_parameters=skip) if saved else None
-        what = "parameters"
-    if not saved or saved == current:
-        return
-    message = (f"the backbone's {what} differ from those the delta in {source} was trained on: "
-               f"saved hash {saved}, this backbone's {current}. Outputs may not be what was "
-               "trained. Pass check_hash=False to silence this check, strict_hash=True to make it "
-               "an error.")
-    if strict:
-        raise CheckpointError(message)
-    warnings.warn(message, BackboneHashWarning, stacklevel=3)

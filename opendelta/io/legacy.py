@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.addressing import endswith_in
 from ..core.structure import CommonStructureMap
+from .state import delta_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.base import DeltaBase
@@ -85,7 +86,7 @@ def convert_legacy_state_dict(delta: "DeltaBase", state_dict: Dict[str, torch.Te
     """
     if delta.delta_type != "bitfit":
         return dict(state_dict)
-    targets = delta._delta_tensors()
+    targets = delta_tensors(delta)
     backbone_params = dict(delta.backbone_model.named_parameters())
     layer_name = type(delta).layer_name
     out: Dict[str, torch.Tensor] = {}

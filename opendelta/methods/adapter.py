@@ -8,14 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
-from ..core.layers import OutputAdapterLayer
 from ..core.registry import registered
 from .activations import check_activation, get_activation
+from .bottleneck import ResidualAdapterLayer, plain_projections
 
 
 @dataclass
@@ -35,33 +34,18 @@ class AdapterConfig(BaseDeltaConfig):
         check_activation(self.non_linearity)
 
 
-class AdapterLayer(OutputAdapterLayer):
-    """Bottleneck adapter on a module's output.
+class AdapterLayer(ResidualAdapterLayer):
+    """Bottleneck adapter on a module's output: ``h + up(act(down(h)))``.
 
-    Shapes: host output ``[..., hidden_dim]`` (or a tuple whose first element is) ->
-    same shape. Parameters in ``modulelist``: ``down_proj`` ``[bottleneck, hidden]`` and
-    ``up_proj`` ``[hidden, bottleneck]`` with biases.
+    Shapes: host output ``[..., hidden_dim]`` (or a tuple whose first element is) -> same
+    shape. Parameters in ``modulelist``: ``down_proj`` ``[bottleneck, hidden]`` and
+    ``up_proj`` ``[hidden, bottleneck]`` with biases (normal std 0.01, zero biases).
     """
 
     def __init__(self, hidden_dim: int, bottleneck_dim: int = 24, non_linearity: str = "gelu_new",
                  device: Any = None, dtype: Any = None):
-        super().__init__()
-        self.modulelist = nn.Sequential()
-        self.modulelist.add_module("down_proj", nn.Linear(hidden_dim, bottleneck_dim, device=device, dtype=dtype))
-        self.modulelist.add_module("non_linear", get_activation(non_linearity))
-        self.modulelist.add_module("up_proj", nn.Linear(bottleneck_dim, hidden_dim, device=device, dtype=dtype))
-        if device is None or torch.device(device).type != "meta":
-            for linear in (self.modulelist.down_proj, self.modulelist.up_proj):
-                nn.init.normal_(linear.weight, std=0.01)
-                nn.init.zeros_(linear.bias)
-
-    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.modulelist.down_proj.weight
-        if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
-            # Deltas kept in another dtype (``delta_dtype``) outside autocast: compute in theirs.
-            return hidden + self.modulelist(hidden.to(weight.dtype)).to(hidden.dtype)
-        return hidden + self.modulelist(hidden)
-
+        down, up = plain_projections(hidden_dim, bottleneck_dim, hidden_dim, {"device": device, "dtype": dtype})
+        super().__init__(down, get_activation(non_linearity), up, layout="modulelist")
 
 
 @registered()

@@ -26,9 +26,9 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
-from ..core.layers import OutputAdapterLayer
 from ..core.registry import registered
 from .activations import check_activation, get_activation
+from .bottleneck import ResidualAdapterLayer
 from .low_rank_adapter import bottleneck_size, glorot_init_
 
 C_INITS = ("normal", "uniform")
@@ -201,15 +201,14 @@ class PHMLinear(nn.Module):
         return kronecker_sum(self.rule(), self.blocks())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.weight()
-        y = torch.matmul(x.to(h.dtype), h).to(x.dtype)
+        y = torch.matmul(x, self.weight())
         return y + self.b if self.b is not None else y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.b is not None}"
 
 
-class CompacterLayer(OutputAdapterLayer):
+class CompacterLayer(ResidualAdapterLayer):
     """Hypercomplex adapter on a module's output with a residual connection.
 
     Shapes: host output ``[..., hidden]`` (or a tuple whose first element is) -> same shape.
@@ -218,15 +217,7 @@ class CompacterLayer(OutputAdapterLayer):
     """
 
     def __init__(self, down_sampler: PHMLinear, up_sampler: PHMLinear, non_linearity: str = "gelu_new"):
-        super().__init__()
-        self.down_sampler = down_sampler
-        self.activation = get_activation(non_linearity)
-        self.up_sampler = up_sampler
-
-    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden + up(act(down(hidden)))``."""
-        return self.up_sampler(self.activation(self.down_sampler(hidden))) + hidden
-
+        super().__init__(down_sampler, get_activation(non_linearity), up_sampler, layout="sampler")
 
 
 @registered(aliases=["compactor"])

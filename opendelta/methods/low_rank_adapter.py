@@ -17,9 +17,9 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
-from ..core.layers import OutputAdapterLayer
 from ..core.registry import registered
 from .activations import check_activation, get_activation
+from .bottleneck import ResidualAdapterLayer
 
 WEIGHT_INITS = ("glorot-uniform", "glorot-normal")
 
@@ -95,15 +95,14 @@ class LowRankLinear(nn.Module):
         return self.W_left @ self.W_right
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight()
-        out = torch.matmul(x.to(w.dtype), w).to(x.dtype)
+        out = torch.matmul(x, self.weight())
         return out + self.b if self.b is not None else out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-class LowRankAdapterLayer(OutputAdapterLayer):
+class LowRankAdapterLayer(ResidualAdapterLayer):
     """Adapter on a module's output with low-rank projections and a residual connection.
 
     Shapes: host output ``[..., hidden]`` (or a tuple whose first element is) -> same shape.
@@ -114,17 +113,11 @@ class LowRankAdapterLayer(OutputAdapterLayer):
     def __init__(self, hidden: int, reduction_factor: int = 32, non_linearity: str = "gelu_new",
                  low_rank_w_init: str = "glorot-uniform", low_rank_rank: int = 1,
                  device: Any = None, dtype: Any = None):
-        super().__init__()
         bottleneck = bottleneck_size(hidden, reduction_factor, "LowRankAdapter")
         factory = {"device": device, "dtype": dtype}
-        self.down_sampler = LowRankLinear(hidden, bottleneck, low_rank_rank, w_init=low_rank_w_init, **factory)
-        self.activation = get_activation(non_linearity)
-        self.up_sampler = LowRankLinear(bottleneck, hidden, low_rank_rank, w_init=low_rank_w_init, **factory)
-
-    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden + up(act(down(hidden)))``."""
-        return self.up_sampler(self.activation(self.down_sampler(hidden))) + hidden
-
+        down = LowRankLinear(hidden, bottleneck, low_rank_rank, w_init=low_rank_w_init, **factory)
+        up = LowRankLinear(bottleneck, hidden, low_rank_rank, w_init=low_rank_w_init, **factory)
+        super().__init__(down, get_activation(non_linearity), up, layout="sampler")
 
 
 @registered(aliases=["lowrankadapter", "low_rank_adapter", "lowrank_adapter"])

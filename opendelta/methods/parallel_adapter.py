@@ -28,9 +28,12 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
+from ..core.dispatch import pop_call_value, push_call_value
 from ..core.layers import DeltaLayer, primary_input, primary_tensor, replace_primary_tensor
+from ..core.targets import candidate_modules
 from ..core.registry import registered
 from .activations import check_activation, get_activation
+from .bottleneck import BottleneckLayer, plain_projections
 
 
 @dataclass
@@ -55,14 +58,15 @@ class ParallelAdapterConfig(BaseDeltaConfig):
         check_activation(self.non_linearity)
 
 
-class ParallelAdapterLayer(DeltaLayer):
+class ParallelAdapterLayer(BottleneckLayer):
     """The adapter, on the module whose input it reads.
 
     Its pre-hook computes ``scaled * up(act(down(x)))`` from the host's hidden-state input
-    ``x`` (``[..., in_dim]``) and hands it to the :class:`ParallelAdapterOutput` of the pair,
-    which adds it to its host's output (``[..., out_dim]``). Parameters in ``modulelist``:
-    ``down_proj`` ``[bottleneck, in_dim]`` and ``up_proj`` ``[out_dim, bottleneck]`` with
-    biases, initialised normal (std 0.01) with zero biases.
+    ``x`` (``[..., in_dim]``) and hands it, through the forward pass in progress (never
+    through ``self``), to the :class:`ParallelAdapterOutput` of the pair, which adds it to
+    its host's output (``[..., out_dim]``). Parameters in ``modulelist``: ``down_proj``
+    ``[bottleneck, in_dim]`` and ``up_proj`` ``[out_dim, bottleneck]`` with biases,
+    initialised normal (std 0.01) with zero biases.
     """
 
     uses_pre_hook = True
@@ -70,31 +74,20 @@ class ParallelAdapterLayer(DeltaLayer):
 
     def __init__(self, in_dim: int, out_dim: int, bottleneck_dim: int = 24, non_linearity: str = "gelu_new",
                  scaled: float = 1.0, device: Any = None, dtype: Any = None):
-        super().__init__()
-        self.scaled = scaled
-        self.modulelist = nn.Sequential()
-        self.modulelist.add_module("down_proj", nn.Linear(in_dim, bottleneck_dim, device=device, dtype=dtype))
-        self.modulelist.add_module("non_linear", get_activation(non_linearity))
-        self.modulelist.add_module("up_proj", nn.Linear(bottleneck_dim, out_dim, device=device, dtype=dtype))
-        for linear in (self.modulelist.down_proj, self.modulelist.up_proj):
-            nn.init.normal_(linear.weight, std=0.01)
-            nn.init.zeros_(linear.bias)
-        # Results waiting for the output layer, by device (so that nn.DataParallel replicas,
-        # which share this dict, never read each other's). Emptied by every read.
-        self.__dict__["pending"] = {}
+        down, up = plain_projections(in_dim, bottleneck_dim, out_dim, {"device": device, "dtype": dtype})
+        super().__init__(down, get_activation(non_linearity), up, layout="modulelist", scale=scaled)
+
+    @property
+    def scaled(self) -> float:
+        return self.scale
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """``scaled * up(act(down(x)))`` for ``x`` of shape ``[..., in_dim]``."""
-        out = self.modulelist(x)
-        return out * self.scaled if self.scaled != 1 else out
+        return self.bottleneck(x)
 
     def pre_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        x = primary_input(args, kwargs)
-        self.pending[x.device] = self.delta(x)
+        push_call_value(self, self.delta(primary_input(args, kwargs)))
         return None
-
-    def extra_repr(self) -> str:
-        return f"scaled={self.scaled}"
 
 
 class ParallelAdapterOutput(DeltaLayer):
@@ -108,7 +101,7 @@ class ParallelAdapterOutput(DeltaLayer):
 
     def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
         hidden = primary_tensor(output)
-        delta = self.adapter.pending.pop(hidden.device, None)
+        delta = pop_call_value(self.__dict__["adapter"], None)
         if delta is None:
             raise RuntimeError(
                 f"the parallel adapter read from {self.source_name!r} has not run before this module: "
@@ -121,7 +114,7 @@ class ParallelAdapterOutput(DeltaLayer):
                     f"{tuple(delta.shape)}, which cannot be added to this module's output of shape "
                     f"{tuple(hidden.shape)}; pair modules that see the same tokens")
             delta = delta.reshape(hidden.shape)
-        return replace_primary_tensor(output, hidden + delta)
+        return replace_primary_tensor(output, hidden + delta.to(hidden.dtype))
 
     def extra_repr(self) -> str:
         return f"source={self.source_name!r}"
@@ -162,7 +155,7 @@ class ParallelAdapterModel(DeltaBase):
             raise ValueError(
                 f"ParallelAdapter reads modified_modules in pairs (input module, output module), e.g. "
                 f"['attn', 'attn', 'ff.w1', 'ff.w2']; got an odd number of entries: {keys}")
-        order = {name: i for i, (name, _) in enumerate(self._candidate_modules())}
+        order = {name: i for i, (name, _) in enumerate(candidate_modules(self.backbone_model))}
         pairs: List[Tuple[str, str]] = []
         for key_in, key_out in zip(keys[::2], keys[1::2]):
             ins, outs = self._matches(key_in, uses_defaults), self._matches(key_out, uses_defaults)

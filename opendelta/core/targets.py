@@ -1,0 +1,144 @@
+"""Which modules of a backbone a delta modifies: name-based addressing over the module tree.
+
+A key matches a module whose name (or common-structure name, see
+:mod:`opendelta.core.structure`) *ends with* it on a segment boundary; ``[r]`` keys are
+regular expressions matching such a tail. Exclude keys remove a module and everything
+below it. Delta layers, and what is inside them, are never candidates.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from .addressing import closest_names, endswith_in, is_child_key, is_regex_key, strip_regex_marker
+from .layers import DeltaLayer
+
+
+def check_keys(keys: Sequence[str], field: str) -> List[str]:
+    """``keys`` as a list of strings whose ``[r]`` patterns compile.
+
+    Raises:
+        TypeError: a bare string (``field`` must be a list) or a non-string entry.
+        ValueError: an invalid regular expression; the message names the key and ``field``.
+    """
+    if isinstance(keys, str):
+        raise TypeError(f"{field} must be a list of names, not the string {keys!r}; write [{keys!r}]")
+    out = []
+    for key in keys:
+        if not isinstance(key, str):
+            raise TypeError(f"{field} entries must be strings, got {key!r} ({type(key).__name__})")
+        if is_regex_key(key):
+            try:
+                re.compile(strip_regex_marker(key))
+            except re.error as err:
+                raise ValueError(f"{field} entry {key!r} is not a valid regular expression ({err}); "
+                                 "a '[r]' key is a Python regular expression matched against the "
+                                 "tail of a module name") from None
+        out.append(key)
+    return out
+
+
+def candidate_modules(backbone: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """Named modules of ``backbone`` in registration order, without delta layers and what
+    is inside them."""
+    stack: List[Tuple[str, nn.Module]] = [("", backbone)]
+    while stack:
+        name, module = stack.pop()
+        yield name, module
+        children = [(f"{name}.{n}" if name else n, c) for n, c in module._modules.items()
+                    if c is not None and not isinstance(c, DeltaLayer)]
+        stack.extend(reversed(children))
+
+
+def is_excluded(name: str, common: Optional[str], excludes: Sequence[str]) -> bool:
+    """Whether module ``name`` (common name ``common``) lies at or below an exclude key."""
+    for key in excludes:
+        for candidate in (name, common):
+            if candidate is None:
+                continue
+            if is_regex_key(key):
+                if re.match(strip_regex_marker(key), candidate):
+                    return True
+            elif is_child_key(candidate, [key]):
+                return True
+    return False
+
+
+def resolve(backbone: nn.Module, keys: Sequence[str], excludes: Sequence[str], mapping: Any,
+            uses_defaults: bool = False, owner: str = "DeltaBase",
+            skipped: Optional[List[str]] = None) -> List[str]:
+    """Full names of the modules matched by ``keys`` and not excluded, in model order.
+
+    Args:
+        mapping: an object with ``transform(name) -> Optional[str]`` (common-structure names)
+            or ``None`` (keys are plain module names).
+        uses_defaults: the keys are a method's defaults: unmatched keys are skipped, but
+            matching nothing at all raises.
+        skipped: if given, a key that only matches excluded modules is appended to it instead
+            of raising (configs of the original library carry such overlaps, which it ignored).
+
+    Raises:
+        ValueError: a key matched no module (the message lists the closest names), or only
+            excluded ones; the defaults matched nothing.
+    """
+    hits = {key: 0 for key in keys}
+    excluded_hits = {key: 0 for key in keys}
+    names: List[str] = []
+    targets: List[str] = []
+    seen = set()
+    for name, module in candidate_modules(backbone):
+        if id(module) in seen:
+            continue
+        names.append(name)
+        common = mapping.transform(name) if mapping is not None else None
+        key_name = common if mapping is not None else name
+        if not key_name:
+            continue
+        matched = [k for k in keys if endswith_in(key_name, [k])]
+        if not matched:
+            continue
+        if is_excluded(name, common, excludes):
+            for k in matched:
+                excluded_hits[k] += 1
+            continue
+        for k in matched:
+            hits[k] += 1
+        seen.add(id(module))
+        targets.append(name)
+    if uses_defaults:
+        if not targets:
+            raise ValueError(
+                f"{owner}'s default targets {list(keys)} match no module of {type(backbone).__name__} "
+                f"(after excluding {list(excludes)}); pass modified_modules explicitly")
+        return targets
+    for key, count in hits.items():
+        if count:
+            continue
+        if excluded_hits[key]:
+            if skipped is not None:
+                skipped.append(key)
+                continue
+            raise ValueError(f"modified_modules entry {key!r} only matches excluded modules "
+                             f"(exclude_modules={list(excludes)})")
+        pool = [c for c in (mapping.transform(n) for n in names) if c] if mapping is not None else names
+        close = closest_names(key, pool)
+        hint = f"; closest module names: {close}" if close else ""
+        space = "common-structure names" if mapping is not None else "module names"
+        raise ValueError(f"modified_modules entry {key!r} matches no module of "
+                         f"{type(backbone).__name__} ({space}){hint}")
+    return targets
+
+
+def free_child_name(backbone: nn.Module, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: the first name that no module of the
+    backbone uses for a child, parameter or attribute, so that one delta has one child name
+    everywhere."""
+    modules = [m for _, m in candidate_modules(backbone)]
+    candidate, i = base, 0
+    while any(candidate in m._modules or candidate in m._parameters or candidate in m.__dict__
+              for m in modules):
+        i += 1
+        candidate = f"{base}_{i}"
+    return candidate
