@@ -1,4 +1,15 @@
-"""The delta methods as the generic test matrix builds them on the tiny models."""
+"""The one case table: every delta method, how the generic tests build it on the tiny
+models, and what it supports. Every generic test (matrix, persistence, mechanics, merge,
+routing, distributed, bf16, meta device, threads) reads its rows from here, so adding a
+method is one file in ``opendelta/methods/`` plus one row below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple, Type
+
+import pytest
+
 import tiny_models as tm
 from opendelta import (AdapterModel, BitFitModel, CompacterModel, LoraModel, LowRankAdapterModel,
                        ParallelAdapterModel, PrefixModel, SoftPromptModel)
@@ -6,29 +17,78 @@ from opendelta import (AdapterModel, BitFitModel, CompacterModel, LoraModel, Low
 #: soft tokens used on the tiny models (they have 64 positions; 100 is tried elsewhere).
 PROMPT = 4
 
-#: method -> (class, constructor arguments besides the defaults)
-METHODS = {
-    "lora": (LoraModel, {}),
-    "bitfit": (BitFitModel, {}),
-    "adapter": (AdapterModel, {}),
-    "low_rank_adapter": (LowRankAdapterModel, {}),
+
+@dataclass(frozen=True)
+class MethodCase:
+    """One row of the table.
+
+    Attributes:
+        cls: the delta model class.
+        kwargs: constructor arguments (besides the defaults) that fit the tiny models.
+        exact_at_init: a fresh delta changes no output, exactly (zero-initialised update).
+        mergeable: ``merge()`` / ``unmerge()`` apply.
+        routable: ``opendelta.route`` can give different rows different deltas.
+        adds_positions: the model's outputs gain leading positions (SoftPrompt on
+            non-encoder-decoder models).
+        unsupported: architecture -> (exception type, message regex) it must raise.
+    """
+
+    cls: Type
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    exact_at_init: bool = False
+    mergeable: bool = False
+    routable: bool = False
+    adds_positions: bool = False
+    unsupported: Dict[str, Tuple[Type[BaseException], str]] = field(default_factory=dict)
+
+
+TABLE: Dict[str, MethodCase] = {
+    "lora": MethodCase(LoraModel, exact_at_init=True, mergeable=True, routable=True),
+    "bitfit": MethodCase(BitFitModel, exact_at_init=True, mergeable=True, routable=True),
+    "adapter": MethodCase(AdapterModel, routable=True),
+    "low_rank_adapter": MethodCase(LowRankAdapterModel, routable=True),
     # hidden 32 // reduction_factor 16 = 2 is not divisible by hypercomplex_division 4
     # (test_compacter_indivisible_sizes_raise); 32 // 8 = 4 is.
-    "compacter": (CompacterModel, {"reduction_factor": 8}),
-    "parallel_adapter": (ParallelAdapterModel, {}),
-    "prefix": (PrefixModel, {"prefix_token_num": 3, "embed_dim": 16, "mid_dim": 16}),
-    "soft_prompt": (SoftPromptModel, {"soft_token_num": PROMPT}),
+    "compacter": MethodCase(CompacterModel, {"reduction_factor": 8}, routable=True),
+    "parallel_adapter": MethodCase(ParallelAdapterModel, routable=True),
+    "prefix": MethodCase(PrefixModel, {"prefix_token_num": 3, "embed_dim": 16, "mid_dim": 16},
+                         unsupported={"deberta-v2": (NotImplementedError,
+                                                     r"DebertaV2Attention \(deberta-v2\).*implemented for")}),
+    "soft_prompt": MethodCase(SoftPromptModel, {"soft_token_num": PROMPT}, adds_positions=True),
 }
 
+#: method -> (class, constructor arguments): the short view older tests use.
+METHODS = {name: (case.cls, case.kwargs) for name, case in TABLE.items()}
 #: zero-initialised updates: a fresh delta changes nothing, exactly.
-EXACT_AT_INIT = {"lora", "bitfit"}
-
+EXACT_AT_INIT = {name for name, case in TABLE.items() if case.exact_at_init}
 #: (method, architecture) pairs that must refuse with a clear error instead.
-UNSUPPORTED = {("prefix", "deberta-v2"): (NotImplementedError, r"DebertaV2Attention \(deberta-v2\).*implemented for")}
+UNSUPPORTED = {(name, arch): error for name, case in TABLE.items() for arch, error in case.unsupported.items()}
+
+
+def methods(**flags: bool) -> List[str]:
+    """Names of the rows whose attributes equal ``flags`` (e.g. ``methods(mergeable=True)``)."""
+    return [name for name, case in TABLE.items() if all(getattr(case, k) == v for k, v in flags.items())]
+
+
+def build(method: str, model: Any, **overrides: Any) -> Any:
+    """The delta of row ``method`` on ``model``, with the row's arguments and ``overrides``."""
+    case = TABLE[method]
+    return case.cls(model, **{**case.kwargs, **overrides})
+
+
+def supported_pairs(method_names: Optional[List[str]] = None, archs: Optional[List[str]] = None) -> List[Any]:
+    """``pytest.param(method, arch)`` for every supported pair of the given rows and
+    architectures (default: all)."""
+    out = []
+    for name in method_names or list(TABLE):
+        for arch in archs or tm.ARCH_NAMES:
+            if arch not in TABLE[name].unsupported:
+                out.append(pytest.param(name, arch, id=f"{name}-{arch}"))
+    return out
 
 
 def real_positions(logits, method, arch):
     """Logits of the caller's tokens (SoftPrompt adds leading positions on non-seq2seq LMs)."""
-    if method == "soft_prompt" and arch not in tm.ENCODER_DECODER:
+    if TABLE[method].adds_positions and arch not in tm.ENCODER_DECODER:
         return logits[:, PROMPT:]
     return logits

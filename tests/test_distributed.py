@@ -21,7 +21,8 @@ import torch.multiprocessing as mp
 
 import tiny_models
 from helpers import perturb
-from opendelta import AdapterModel, BitFitModel, LoraModel
+from matrix_cases import TABLE, build
+from opendelta import AdapterModel, LoraModel
 from opendelta.integrations.distributed import (gather_delta_state_dict, has_sharded_parameters,
                                          is_main_process, save_finetuned_distributed,
                                          unwrap_model)
@@ -57,16 +58,13 @@ def _init(rank: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
 
 
-DDP_METHODS = {
-    "lora": lambda m: LoraModel(m, modified_modules=["query", "value"], lora_r=4),
-    "adapter": lambda m: AdapterModel(m, bottleneck_dim=8),
-    "bitfit": lambda m: BitFitModel(m),
-}
+#: every row of the case table trains under DDP
+DDP_METHODS = list(TABLE)
 
 
 def _ddp_model(method: str):
     model = tiny_models.build("bert", "cls")  # eval: no dropout, so runs are comparable
-    delta = DDP_METHODS[method](model)
+    delta = build(method, model)
     perturb(delta, std=0.05)  # non-zero LoRA B: every delta tensor gets a gradient
     delta.freeze_module(exclude=["deltas", "classifier"])
     return model, delta

@@ -11,6 +11,7 @@ import torch
 
 import tiny_models as tm
 from helpers import outputs, perturb
+from matrix_cases import build, methods
 from opendelta import AdapterModel, BitFitModel, LoraModel
 from opendelta.core.layers import DeltaLayer
 
@@ -20,12 +21,10 @@ ATOL = 1e-5
 
 def _make(method, arch):
     model = tm.build(arch, "lm")
-    if method == "lora":
-        delta = LoraModel(model)
-    elif arch == "llama":  # bias-free linears and RMSNorm: merge() refuses, see below
+    if method == "bitfit" and arch == "llama":  # bias-free linears and RMSNorm: merge() refuses, see below
         delta = BitFitModel(model, modified_modules=["ff"], common_structure=True)
     else:
-        delta = BitFitModel(model)
+        delta = build(method, model)
     perturb(delta, std=0.2)
     return model, delta
 
@@ -45,7 +44,7 @@ def _hook_count(model):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["lora", "bitfit"])
+@pytest.mark.parametrize("method", methods(mergeable=True))
 def test_merge_unmerge(method, arch):
     model, delta = _make(method, arch)
     inputs = tm.example_inputs(arch)
@@ -107,7 +106,7 @@ def test_detach_attach_while_merged_is_exact(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["lora", "bitfit"])
+@pytest.mark.parametrize("method", methods(mergeable=True))
 def test_merge_and_detach_leaves_a_plain_backbone(method, arch):
     model, delta = _make(method, arch)
     delta.freeze_module()

@@ -15,14 +15,15 @@ from safetensors.torch import save_file
 import opendelta
 import tiny_models as tm
 from helpers import outputs, perturb
+from matrix_cases import TABLE, supported_pairs
 from opendelta.io.state import delta_tensors
 from opendelta import AdapterModel, AutoDeltaConfig, AutoDeltaModel, LoraModel, get_delta_class
 from opendelta.io.hashing import gen_model_hash, gen_parameter_hash
 from opendelta.io.files import BackboneHashWarning, CheckpointError
 
 ARCHS = ["bert", "gpt2", "t5", "llama"]
-#: hyperparameters that fit the tiny models (hidden 32, 64 positions); others use defaults.
-TINY_KWARGS = {"compacter": {"reduction_factor": 8}, "soft_prompt": {"soft_token_num": 4}}
+#: hyperparameters that fit the tiny models (hidden 32, 64 positions), from the case table.
+TINY_KWARGS = {name: case.kwargs for name, case in TABLE.items()}
 
 
 def snapshot(model):
@@ -56,8 +57,7 @@ def tuned(arch, delta_type, task="lm", **kwargs):
 
 
 # ------------------------------------------------------------------------------ round trips
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("delta_type", opendelta.known_delta_types())
+@pytest.mark.parametrize("delta_type, arch", supported_pairs(archs=ARCHS))
 def test_exact_round_trip_and_file_contents(tmp_path, arch, delta_type):
     model, delta = tuned(arch, delta_type, **TINY_KWARGS.get(delta_type, {}))
     inputs = tm.example_inputs(arch)

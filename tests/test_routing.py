@@ -14,6 +14,7 @@ import torch
 import opendelta
 import tiny_models as tm
 from helpers import outputs, perturb
+from matrix_cases import build, methods
 from opendelta import AdapterModel, LoraModel
 from opendelta.core.dispatch import ROUTING_SWITCH
 from opendelta.route import current_routes
@@ -21,25 +22,16 @@ from opendelta.route import current_routes
 ATOL = 1e-5
 
 
-def _method(name):
-    cls = getattr(opendelta, name, None)
-    marks = [] if cls is not None else [pytest.mark.skip(reason=f"{name} is not available yet")]
-    return pytest.param(name, marks=marks)
-
-
-METHODS = [_method(n) for n in ("LoraModel", "AdapterModel", "LowRankAdapterModel",
-                                "CompacterModel", "ParallelAdapterModel")]
-#: hyperparameters that fit the tiny models (hidden 32)
-KWARGS = {"CompacterModel": {"reduction_factor": 4}}
+#: every routable row of the case table
+METHODS = methods(routable=True)
 ROUTES = ["a", None, "b", "a", "c"]  # "c" is attached but used by one row; "d" by none
 
 
 def _build(method, arch):
     model = tm.build(arch, "lm")
-    cls = getattr(opendelta, method)
     deltas = {}
     for seed, name in enumerate("abcd"):
-        deltas[name] = cls(model, name=name, **KWARGS.get(method, {}))
+        deltas[name] = build(method, model, name=name)
         perturb(deltas[name], std=0.1, seed=seed)
     return model, deltas
 
@@ -90,7 +82,7 @@ def test_routed_batch_equals_one_by_one(method, arch):
 
 
 def test_routing_in_training_mode_and_uniform_routes():
-    model, deltas = _build("LoraModel", "bert")
+    model, deltas = _build("lora", "bert")
     inputs = tm.example_inputs("bert", batch=3)
     base_routes = [None, None, None]
     for d in deltas.values():
@@ -116,7 +108,7 @@ def test_routing_in_training_mode_and_uniform_routes():
 
 
 def test_route_errors():
-    model, deltas = _build("LoraModel", "bert")
+    model, deltas = _build("lora", "bert")
     inputs = tm.example_inputs("bert", batch=2)
     with pytest.raises(ValueError, match="3 routes but .* shape \\(2, 7"):
         with opendelta.route(["a", "b", "c"]):
@@ -144,7 +136,7 @@ def test_route_errors():
 
 
 def test_nested_routes_and_threads():
-    model, _ = _build("LoraModel", "bert")
+    model, _ = _build("lora", "bert")
     seen = {}
     with opendelta.route(["a", "b"]):
         with opendelta.route(["c", None]):
@@ -158,7 +150,7 @@ def test_nested_routes_and_threads():
 
 
 def test_delta_names_survive_copy_and_pickle():
-    model, _ = _build("LoraModel", "bert")
+    model, _ = _build("lora", "bert")
     inputs = tm.example_inputs("bert", batch=2)
     with opendelta.route(["a", "c"]):
         expected = outputs(model, inputs)
