@@ -15,17 +15,18 @@ library's ``DeltaBase`` was one, and users call ``parameters()`` on it for optim
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 
 from .config import BaseDeltaConfig
+from .construction import (SUPPORTED_BACKENDS, build_from_config, check_arguments, hyperparameter_signature,
+                           split_legacy)
 from .dispatch import attach_layer, detach_layer
 from .extension import ExtensionMixin
 from .freezing import DELTAS, freeze, normalise_exclude, set_trainable_state_dict
+from .layer_tree import Transaction, disown_layer, own_layer
 from .layers import DeltaLayer, DeltaLifecycle, LayerEntry
 from .merging import MergeMixin
 from .shapes import Sizes, probe_sizes, static_sizes
@@ -33,19 +34,6 @@ from .structure import CommonStructureMap
 from .targets import check_keys, free_child_name, resolve
 from ..io.checkpoint import SaveLoadMixin
 
-SUPPORTED_BACKENDS = ("hf",)
-
-
-def _legacy_common_key(key: str) -> Tuple[str, bool]:
-    """Original OpenDelta marked common names with ``@`` (``attn@.q@``)."""
-    return (key.replace("@", ""), True) if "@" in key else (key, False)
-
-
-class _Branch(nn.Module):
-    """A node of a delta model's mirror tree (see the module docs); holds nothing itself."""
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - explained error
-        raise RuntimeError("a path node of a delta model's layer tree cannot run")
 
 
 class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
@@ -101,23 +89,7 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
                  name: Optional[str] = None, config: Optional[BaseDeltaConfig] = None,
                  delta_dtype: Optional[torch.dtype] = None, **hyperparameters: Any):
         super().__init__()
-        if not isinstance(backbone_model, nn.Module):
-            raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}")
-        if backend not in SUPPORTED_BACKENDS:
-            raise ValueError(
-                f"backend {backend!r} is not supported; supported: {', '.join(SUPPORTED_BACKENDS)}. "
-                "For large models use PyTorch's own engines with the 'hf' backend: "
-                "DistributedDataParallel, FSDP2 (torch.distributed.fsdp.fully_shard), "
-                "Accelerate or DeepSpeed.")
-        unknown = set(hyperparameters) - set(self.config_class.hyperparameter_names())
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected argument(s) {sorted(unknown)}; "
-                            f"its hyperparameters are {self.config_class.hyperparameter_names()}")
-        if delta_dtype is not None and not getattr(delta_dtype, "is_floating_point", False):
-            raise ValueError(f"delta_dtype must be a floating torch.dtype such as torch.float32, "
-                             f"got {delta_dtype!r}")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        check_arguments(type(self), backbone_model, backend, hyperparameters, delta_dtype, name)
         if config is None:
             config = self.config_class(**hyperparameters)
         elif hyperparameters:
@@ -141,16 +113,16 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
             common_structure = False
         uses_defaults = modified_modules is None
         if uses_defaults:
-            keys, marked = self._split_legacy(self.default_modified_modules)
+            keys, marked = split_legacy(self.default_modified_modules)
             common_structure = marked or (self.builds_in_init() and common_structure is not False)
         else:
-            keys, marked = self._split_legacy(check_keys(modified_modules, "modified_modules"))
+            keys, marked = split_legacy(check_keys(modified_modules, "modified_modules"))
             common_structure = bool(common_structure) or marked
         # Keys written the original library's way ("attn@.q@") keep its rule: a key that only
         # matches excluded modules is ignored (our own rule raises, never a silent no-op).
         self._legacy_keys = marked and not uses_defaults
         raw_excludes = self.default_exclude_modules if exclude_modules is None else exclude_modules
-        excludes, _ = self._split_legacy(check_keys(raw_excludes, "exclude_modules"))
+        excludes, _ = split_legacy(check_keys(raw_excludes, "exclude_modules"))
         unfrozen = normalise_exclude(self.default_unfrozen_modules if unfrozen_modules is None
                                      else unfrozen_modules, "unfrozen_modules")
         self.config = config.copy(
@@ -170,15 +142,9 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
     # ------------------------------------------------------------------ configuration
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__ or not dataclasses.is_dataclass(cls.config_class):
-            return
-        # Show the method's hyperparameters in help() and IDEs.
-        base = inspect.signature(DeltaBase.__init__)
-        params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
-        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=fields[n].default)
-                 for n in cls.config_class.hyperparameter_names() if n in fields]
-        cls.__signature__ = base.replace(parameters=params + extra)  # type: ignore[attr-defined]
+        signature = hyperparameter_signature(cls, DeltaBase.__init__)
+        if signature is not None:  # show the method's hyperparameters in help() and IDEs
+            cls.__signature__ = signature  # type: ignore[attr-defined]
 
     @classmethod
     def builds_in_init(cls) -> bool:
@@ -186,11 +152,6 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
         implement :meth:`add_delta` or :meth:`add_all_deltas`), rather than the subclass
         calling :meth:`add_all_delta_to_backbone` (the manual's way)."""
         return cls.add_delta is not DeltaBase.add_delta or cls.add_all_deltas is not DeltaBase.add_all_deltas
-
-    @staticmethod
-    def _split_legacy(keys: Sequence[str]) -> Tuple[List[str], bool]:
-        pairs = [_legacy_common_key(k) for k in keys]
-        return [k for k, _ in pairs], any(marked for _, marked in pairs)
 
     def _structure_map(self) -> CommonStructureMap:
         try:
@@ -239,19 +200,7 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
         ``check_hash`` is accepted for the documented signature; a config has no weights,
         so there is nothing to compare (``from_finetuned`` checks the backbone hash).
         """
-        if isinstance(config, dict):
-            config = cls.config_class.from_dict(config)
-        fields = set(config.field_names())
-        config = config.copy(**{k: v for k, v in kwargs.items() if k in fields})
-        rest = {k: v for k, v in kwargs.items() if k not in fields}
-        if cls.builds_in_init() or "__init__" not in vars(cls):
-            return cls(backbone_model, modified_modules=config.modified_modules,
-                       exclude_modules=config.exclude_modules, unfrozen_modules=config.unfrozen_modules,
-                       common_structure=config.common_structure, config=config, **rest)
-        # A class written the manual's way: its __init__ takes the hyperparameters by name.
-        accepted = inspect.signature(cls.__init__).parameters
-        values = {**config.to_dict(), **rest}
-        return cls(backbone_model, **{k: v for k, v in values.items() if k in accepted and k != "backbone_model"})
+        return build_from_config(cls, config, backbone_model, kwargs)
 
     # ------------------------------------------------------------------ addressing
     def find_key(self, key: str, target_list: Sequence[str]) -> bool:
@@ -303,7 +252,7 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
             attach_layer(host, child_name, layer)
         self._layers.append(entry)
         self._hosts[host_name] = host
-        self._own(entry)
+        own_layer(self, entry)
         return entry
 
     def remove_layer(self, entry: LayerEntry) -> None:
@@ -311,12 +260,12 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
         if self.lifecycle.attached:
             detach_layer(self._hosts[entry.host_name], entry.layer)
         self._layers.remove(entry)
-        self._disown(entry)
+        disown_layer(self, entry)
 
-    def transaction(self) -> "_Transaction":
+    def transaction(self) -> Transaction:
         """A block that removes the layers it inserted when it raises: a construction that
         fails part-way leaves the backbone as it was."""
-        return _Transaction(self)
+        return Transaction(self)
 
     def module_sizes(self, name: str, module: nn.Module) -> Sizes:
         """``(in, out)`` features of a target, from the module, else by a dummy forward."""
@@ -334,26 +283,6 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
         return {"dtype": self.delta_dtype} if self.delta_dtype is not None else {}
 
     # ------------------------------------------------------------------ the layer tree
-    def _own(self, entry: LayerEntry) -> None:
-        node: nn.Module = self
-        for part in filter(None, entry.host_name.split(".")):
-            child = node._modules.get(part)
-            if child is None:
-                child = node._modules[part] = _Branch()
-            node = child
-        node._modules[entry.child_name] = entry.layer
-
-    def _disown(self, entry: LayerEntry) -> None:
-        path = [p for p in entry.host_name.split(".") if p]
-        nodes: List[nn.Module] = [self]
-        for part in path:
-            nodes.append(nodes[-1]._modules[part])
-        del nodes[-1]._modules[entry.child_name]
-        for node, part in zip(reversed(nodes[:-1]), reversed(path)):  # prune empty branches
-            child = node._modules[part]
-            if isinstance(child, _Branch) and not child._modules:
-                del node._modules[part]
-
     def layer_entries(self) -> Tuple[LayerEntry, ...]:
         """Every layer this delta inserted, in insertion order."""
         return tuple(self._layers)
@@ -465,24 +394,6 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
         state = "attached" if self.lifecycle.attached else "detached"
         return (f"name={self.name!r}, {len(self._layers)} layers on "
                 f"{type(self.backbone_model).__name__}, {state}")
-
-
-class _Transaction:
-    """See :meth:`DeltaBase.transaction`."""
-
-    def __init__(self, delta: DeltaBase):
-        self.delta = delta
-        self.start = 0
-
-    def __enter__(self) -> "_Transaction":
-        self.start = len(self.delta._layers)
-        return self
-
-    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
-        if kind is None:
-            return
-        for entry in reversed(self.delta._layers[self.start:]):
-            self.delta.remove_layer(entry)
 
 
 __all__ = ["DeltaBase", "set_trainable_state_dict", "SUPPORTED_BACKENDS"]

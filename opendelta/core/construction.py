@@ -1,0 +1,76 @@
+"""Checks and helpers for building a delta model: constructor arguments, the original
+library's ``@`` key markers, the signature shown by ``help()``, and ``from_config``."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .config import BaseDeltaConfig
+
+SUPPORTED_BACKENDS = ("hf",)
+
+
+def check_arguments(owner: type, backbone_model: Any, backend: str, hyperparameters: Dict[str, Any],
+                    delta_dtype: Optional[torch.dtype], name: Optional[str]) -> None:
+    """Raise the documented errors for bad constructor arguments of ``owner``."""
+    if not isinstance(backbone_model, nn.Module):
+        raise TypeError(f"backbone_model must be a torch.nn.Module, got {type(backbone_model).__name__}")
+    if backend not in SUPPORTED_BACKENDS:
+        raise ValueError(
+            f"backend {backend!r} is not supported; supported: {', '.join(SUPPORTED_BACKENDS)}. "
+            "For large models use PyTorch's own engines with the 'hf' backend: "
+            "DistributedDataParallel, FSDP2 (torch.distributed.fsdp.fully_shard), "
+            "Accelerate or DeepSpeed.")
+    known = owner.config_class.hyperparameter_names()  # type: ignore[attr-defined]
+    unknown = set(hyperparameters) - set(known)
+    if unknown:
+        raise TypeError(f"{owner.__name__} got unexpected argument(s) {sorted(unknown)}; "
+                        f"its hyperparameters are {known}")
+    if delta_dtype is not None and not getattr(delta_dtype, "is_floating_point", False):
+        raise ValueError(f"delta_dtype must be a floating torch.dtype such as torch.float32, got {delta_dtype!r}")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+
+
+def split_legacy(keys: Sequence[str]) -> Tuple[List[str], bool]:
+    """``keys`` without the original library's ``@`` markers of common-structure names
+    (``attn@.q@``), and whether any key had one."""
+    stripped = [k.replace("@", "") for k in keys]
+    return stripped, any("@" in k for k in keys)
+
+
+def hyperparameter_signature(cls: type, base_init: Any) -> Optional[inspect.Signature]:
+    """``base_init``'s signature with ``cls``'s hyperparameters as keyword arguments (for
+    ``help()`` and IDEs); ``None`` for classes with their own ``__init__``."""
+    config_class = getattr(cls, "config_class", None)
+    if "__init__" in cls.__dict__ or not dataclasses.is_dataclass(config_class):
+        return None
+    base = inspect.signature(base_init)
+    params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=fields[n].default)
+             for n in config_class.hyperparameter_names() if n in fields]
+    return base.replace(parameters=params + extra)
+
+
+def build_from_config(cls: Any, config: Any, backbone_model: nn.Module, kwargs: Dict[str, Any]) -> Any:
+    """``cls.from_config``: a built-in method gets the config object; a method written the
+    manual's way (its own ``__init__``) gets the config's values by argument name."""
+    if isinstance(config, dict):
+        config = cls.config_class.from_dict(config)
+    if not isinstance(config, BaseDeltaConfig):
+        raise TypeError(f"config must be a BaseDeltaConfig or a dict, got {type(config).__name__}")
+    fields = set(config.field_names())
+    config = config.copy(**{k: v for k, v in kwargs.items() if k in fields})
+    rest = {k: v for k, v in kwargs.items() if k not in fields}
+    if cls.builds_in_init() or "__init__" not in vars(cls):
+        return cls(backbone_model, modified_modules=config.modified_modules,
+                   exclude_modules=config.exclude_modules, unfrozen_modules=config.unfrozen_modules,
+                   common_structure=config.common_structure, config=config, **rest)
+    accepted = inspect.signature(cls.__init__).parameters
+    values = {**config.to_dict(), **rest}
+    return cls(backbone_model, **{k: v for k, v in values.items() if k in accepted and k != "backbone_model"})
