@@ -99,26 +99,47 @@ def test_generate_matches_stepwise_greedy(method, arch):
 
 
 # --------------------------------------------------------------------------- SoftPrompt
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_soft_prompt_generate_left_padded_and_from_embeddings(arch):
-    """With the KV cache: a left-padded row generates what it generates alone, and
+def _greedy_generate(model, arch, **inputs):
+    """Greedy generate() with the KV cache: (new tokens [batch, 5], logits [batch, 5, vocab])."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=True, output_logits=True,
+                             return_dict_in_generate=True)
+    tokens = out.sequences[:, 1:] if arch in tm.ENCODER_DECODER else out.sequences[:, -5:]
+    return tokens, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "llama", "t5"])
+def test_soft_prompt_generate_padded_and_from_embeddings(arch, implementation):
+    """With the KV cache, on both attention implementations (eager always applies the
+    mask, so a prompt misplaced in the cache or in the positions shows): a row generates
+    what greedy cache-free forwards give, alone or padded in a batch (on the left for
+    decoder-only models; T5's encoder, whose relative positions would put the padding
+    between prompt and text, is padded on the right as its tokenizer does), and
     generate(inputs_embeds=...) what generate(input_ids=...) does."""
     model = tm.build(arch, "lm")
+    model.set_attn_implementation(implementation)
     model.generation_config.eos_token_id = None
     perturb(SoftPromptModel(model, soft_token_num=PROMPT), std=0.5)
     ids = torch.randint(3, tm.VOCAB, (2, 6), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
-    ids[1, :2], mask[1, :2] = 0, 0
-    greedy = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    real = slice(4) if arch in tm.ENCODER_DECODER else slice(2, None)
+    mask[1] = 0
+    mask[1, real] = 1
+    ids[1][mask[1] == 0] = 0
+    batch = _greedy_generate(model, arch, input_ids=ids, attention_mask=mask)
+    single = {"input_ids": ids[1:, real], "attention_mask": mask[1:, real]}
+    alone = _greedy_generate(model, arch, **single)
+    reference = greedy_by_forward(model, single, 5, arch)
+    assert torch.equal(alone[0], reference[0])
+    assert torch.allclose(alone[1], reference[1], atol=1e-4)
+    assert torch.equal(batch[0][1:], alone[0])
+    assert torch.allclose(batch[1][1:], alone[1], atol=1e-4)
     with torch.no_grad():
-        batch = model.generate(input_ids=ids, attention_mask=mask, **greedy)
-        alone = model.generate(input_ids=ids[1:, 2:], attention_mask=mask[1:, 2:], **greedy)
         embeds = model.get_input_embeddings()(ids[:1])
-        from_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask[:1], **greedy)
-    assert torch.equal(batch.sequences[1:, 6:], alone.sequences[:, 4:])
-    assert torch.allclose(torch.stack(batch.logits)[:, 1:], torch.stack(alone.logits), atol=1e-4)
-    assert torch.equal(from_embeds.sequences, batch.sequences[:1, 6:])
-    assert torch.allclose(torch.stack(from_embeds.logits), torch.stack(batch.logits)[:, :1], atol=1e-4)
+    from_embeds = _greedy_generate(model, arch, inputs_embeds=embeds, attention_mask=mask[:1])
+    assert torch.equal(from_embeds[0], batch[0][:1])
+    assert torch.allclose(from_embeds[1], batch[1][:1], atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["t5", "llama"])

@@ -1,6 +1,7 @@
 """PrefixModel: prefixes through transformers' Cache API, masks, generate(), export."""
 import copy
 import io
+import threading
 
 import pytest
 import torch
@@ -103,24 +104,29 @@ def _next_token(logits):
     return logits.argmax(-1, keepdim=True)
 
 
-def _greedy(model, arch, inputs, steps):
-    """Greedy decoding by full forwards without a cache."""
+def _greedy(model, arch, inputs, steps, with_logits=False):
+    """Greedy decoding by full forwards without a cache: the sequences, and with
+    ``with_logits`` also the raw next-token logits of every step ``[batch, steps, vocab]``."""
+    step_logits = []
     if arch in tm.ENCODER_DECODER:
         ids = torch.full((inputs["input_ids"].shape[0], 1), model.config.decoder_start_token_id)
         for _ in range(steps):
             logits = model(**inputs, decoder_input_ids=ids, use_cache=False).logits
+            step_logits.append(logits[:, -1])
             ids = torch.cat([ids, _next_token(logits)], 1)
-        return ids
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    for _ in range(steps):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        ids = torch.cat([ids, _next_token(logits)], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return ids
+    else:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        for _ in range(steps):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            step_logits.append(logits[:, -1])
+            ids = torch.cat([ids, _next_token(logits)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return (ids, torch.stack(step_logits, 1)) if with_logits else ids
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "t5", "bart", "llama"])
 def test_generate_with_cache_equals_greedy_forward(arch):
+    """Tokens exactly and logits within 1e-4, on both attention implementations."""
     model = tm.build(arch, "lm")
     delta = PrefixModel(model, **SMALL)
     perturb(delta, std=0.5)
@@ -129,15 +135,18 @@ def test_generate_with_cache_equals_greedy_forward(arch):
     model.generation_config.eos_token_id = None
     model.generation_config.forced_eos_token_id = None
     steps = 6
+    greedy = dict(max_new_tokens=steps, do_sample=False, use_cache=True, pad_token_id=0, suppress_tokens=SUPPRESS)
+    for implementation in ("sdpa", "eager"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            out = model.generate(**inputs, **greedy, output_logits=True, return_dict_in_generate=True)
+            expected, expected_logits = _greedy(model, arch, inputs, steps, with_logits=True)
+        assert torch.equal(out.sequences, expected)
+        assert torch.allclose(torch.stack(out.logits, 1), expected_logits, atol=1e-4)
+    delta.detach()
     with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=steps, do_sample=False, use_cache=True,
-                                   pad_token_id=0, suppress_tokens=SUPPRESS)
-        expected = _greedy(model, arch, inputs, steps)
-        delta.detach()
-        plain = model.generate(**inputs, max_new_tokens=steps, do_sample=False, use_cache=True,
-                               pad_token_id=0, suppress_tokens=SUPPRESS)
-    assert torch.equal(generated, expected)
-    assert not torch.equal(generated, plain)  # the prefixes steer generation
+        plain = model.generate(**inputs, **greedy)
+    assert not torch.equal(out.sequences, plain)  # the prefixes steer generation
 
 
 def _padded(arch, pad):
@@ -333,6 +342,18 @@ def test_failed_construction_leaves_backbone_untouched():
     assert not model.encoder.block[0].layer[0]._forward_pre_hooks
 
 
+def _t5_bias(attention, query_length, key_length, first_query):
+    """T5's relative position bias ``[1, heads, query, key]`` for queries at positions
+    ``first_query ..`` and keys at ``0 ..`` (computed by hand: compute_bias's signature
+    differs between transformers releases)."""
+    context = torch.arange(query_length)[:, None] + first_query
+    memory = torch.arange(key_length)[None, :]
+    bucket = attention._relative_position_bucket(
+        memory - context, bidirectional=not attention.is_decoder,
+        num_buckets=attention.relative_attention_num_buckets, max_distance=attention.relative_attention_max_distance)
+    return attention.relative_attention_bias(bucket).permute(2, 0, 1).unsqueeze(0)
+
+
 def test_t5_relative_positions_of_real_tokens_are_unchanged():
     """T5 sees the prefixes at positions -P .. -1: the bias between real tokens is the
     backbone's own, the prefix columns get the bias of those earlier positions."""
@@ -347,8 +368,69 @@ def test_t5_relative_positions_of_real_tokens_are_unchanged():
     for side, length in (("encoder", 7), ("decoder", 5)):
         attention = getattr(model, side).block[0].layer[0].SelfAttention
         with torch.no_grad():
-            own = attention.compute_bias(length, length)
-            shifted = attention.compute_bias(length, 3 + length, past_seen_tokens=3)
-        assert seen[side].shape[-1] == 3 + length
-        assert torch.equal(seen[side][..., 3:], own)
-        assert torch.equal(seen[side], shifted)
+            own = _t5_bias(attention, length, length, 0)
+            shifted = _t5_bias(attention, length, 3 + length, 3)
+        bias = seen[side]
+        assert bias.shape[-1] == 3 + length
+        # transformers < 5.24 add the attention mask to the bias: compare the visible entries,
+        # which are all the prefix columns and (causal decoder) real keys up to the query.
+        visible = (bias > torch.finfo(bias.dtype).min / 2)[0, 0]
+        required = torch.ones(length, 3 + length, dtype=torch.bool)
+        if side == "decoder":
+            required[:, 3:] = torch.ones(length, length).tril().bool()
+        assert visible[required].all()
+        for row in bias:  # [heads, query, P + key], one per batch row (< 5.24) or shared
+            assert torch.equal(row[:, visible], shifted[0][:, visible])
+            assert torch.equal(row[:, :, 3:][:, visible[:, 3:]], own[0][:, visible[:, 3:]])
+
+
+def test_distilbert_concurrent_forwards_are_isolated():
+    """Two threads run one DistilBERT with a prefix delta, each on its own inputs, forced to
+    interleave inside the first attention: both have passed its pre-hook and the key
+    projection, then the first thread finishes the attention before the second reaches the
+    value projection. The prefixes travel per thread from the attention's pre-hook to the
+    projections, so each thread gets its single-threaded result."""
+    model = tm.build("distilbert", "lm")
+    perturb(PrefixModel(model, **SMALL), std=0.5)
+    jobs = {"first": tm.example_inputs("distilbert", seed=1),
+            "second": tm.example_inputs("distilbert", batch=3, length=5, seed=2)}
+    expected = {name: outputs(model, inputs) for name, inputs in jobs.items()}
+    timeout = 30
+    barrier, first_done = threading.Barrier(2, timeout=timeout), threading.Event()
+
+    def before_value_projection(module, args):
+        barrier.wait()
+        if threading.current_thread().name == "second" and not first_done.wait(timeout):
+            raise TimeoutError("the first thread did not finish its attention")
+
+    def after_attention(module, args, output):
+        if threading.current_thread().name == "first":
+            first_done.set()
+
+    attention = model.distilbert.transformer.layer[0].attention
+    handles = [attention.v_lin.register_forward_pre_hook(before_value_projection),
+               attention.register_forward_hook(after_attention)]
+    results, errors = {}, []
+
+    def run(name):
+        try:
+            results[name] = outputs(model, jobs[name])
+        except BaseException as err:  # re-raised below
+            errors.append(err)
+            barrier.abort()
+            first_done.set()
+
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in jobs]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(2 * timeout)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if errors:
+        raise errors[0]
+    assert not any(thread.is_alive() for thread in threads)
+    for name in jobs:
+        assert torch.equal(results[name], expected[name]), name

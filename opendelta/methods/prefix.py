@@ -3,8 +3,9 @@
 Li & Liang, 2021. Each targeted attention attends over ``P = prefix_token_num`` extra
 key/value positions before the real ones. The prefixes go in through transformers' public
 ``Cache`` API: for the duration of one attention call the host receives a *cache view*
-(:class:`PrefixedCache`) whose ``update(key, value, layer_idx)`` stores the real keys and
-values in the caller's cache (if any) and returns them with the prefix prepended. So
+(:class:`~opendelta.integrations.transformers.attention.PrefixedCache`) whose
+``update(key, value, layer_idx)`` stores the real keys and values in the caller's cache (if
+any) and returns them with the prefix prepended. So
 
 * the cache only ever holds real tokens: ``generate()`` and position ids are unchanged;
 * prefixes are never rotated (RoPE is applied to the real keys before ``update``), so a
@@ -12,6 +13,11 @@ values in the caller's cache (if any) and returns them with the prefix prepended
 * the attention mask gets ``P`` always-visible columns in front (padded batches work);
   where the model passed no mask (SDPA's fast path) but attention is causal, an explicit
   causal mask is built, since SDPA's implicit one would be misaligned by ``P`` columns.
+
+The attention's hidden-state, mask and cache arguments are found by role, not by name
+(:mod:`opendelta.integrations.transformers.roles`): transformers 5.24 renamed
+``past_key_values`` to ``cache``. An attention signature without them raises an error
+naming the class, the installed transformers version and the tested range.
 
 With ``reparameterize=True`` (the default, as in OpenDelta) the prefixes of all layers are
 produced by one MLP, ``wte [P, embed_dim] -> Linear(embed_dim, mid_dim) -> Tanh ->
@@ -30,11 +36,8 @@ positions are dropped.
 """
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
-from operator import attrgetter
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +45,17 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
-from ..core.dispatch import detach_layer
-from ..core.layers import DeltaLayer, call_as_kwargs
+from ..core.dispatch import detach_layer, peek_call_value, pop_call_value, push_call_value
+from ..core.layers import DeltaLayer
 from ..core.registry import registered
+from ..integrations.transformers.attention import (ATTENTION_KINDS, BERT, GPT2, SUPPORTED_ARCHITECTURES,
+                                                   SUPPORTED_IMPLEMENTATIONS, T5_LAYERS, AttentionKind,
+                                                   PrefixedCache, attention_roles, extend_mask, inner_cache,
+                                                   is_causal)
+from ..integrations.transformers.roles import cache_length
+
+__all__ = ["PrefixConfig", "PrefixLayer", "PrefixModel", "PrefixReparameterization", "PrefixSlot",
+           "PrefixedCache", "SUPPORTED_ARCHITECTURES"]
 
 
 @dataclass
@@ -72,161 +83,7 @@ class PrefixConfig(BaseDeltaConfig):
             raise ValueError(f"reparameterize must be True or False, got {self.reparameterize!r}")
 
 
-# --------------------------------------------------------------------------- architectures
-@dataclass(frozen=True)
-class _AttentionKind:
-    """How prefixes reach one attention class.
-
-    ``inner`` finds the module holding the projections; ``kv_dim`` / ``head_dim`` read its
-    key width and head size; ``cross_arg`` names the argument whose presence makes a call
-    cross-attention (``None``: decided by ``always_cross``); ``placeholder`` marks
-    DistilBERT's cache-less path.
-    """
-
-    inner: Callable[[nn.Module], nn.Module]
-    kv_dim: Callable[[nn.Module], int]
-    head_dim: Callable[[nn.Module], int]
-    cross_arg: Optional[str] = None
-    always_cross: bool = False
-    placeholder: Optional[Tuple[str, str]] = None
-
-
-def _itself(module: nn.Module) -> nn.Module:
-    return module
-
-
-_BERT = _AttentionKind(inner=attrgetter("self"), kv_dim=attrgetter("key.out_features"),
-                       head_dim=attrgetter("attention_head_size"))
-_PROJ = _AttentionKind(inner=_itself, kv_dim=attrgetter("k_proj.out_features"),
-                       head_dim=attrgetter("head_dim"))
-_BART = _AttentionKind(inner=_itself, kv_dim=attrgetter("k_proj.out_features"),
-                       head_dim=attrgetter("head_dim"), cross_arg="key_value_states")
-_GPT2 = _AttentionKind(inner=_itself, kv_dim=attrgetter("embed_dim"), head_dim=attrgetter("head_dim"))
-_T5_SELF = _AttentionKind(inner=attrgetter("SelfAttention"), kv_dim=attrgetter("inner_dim"),
-                          head_dim=attrgetter("key_value_proj_dim"))
-_T5_CROSS = _AttentionKind(inner=attrgetter("EncDecAttention"), kv_dim=attrgetter("inner_dim"),
-                           head_dim=attrgetter("key_value_proj_dim"), cross_arg="key_value_states",
-                           always_cross=True)
-_T5_ATTN = _AttentionKind(inner=_itself, kv_dim=attrgetter("inner_dim"),
-                          head_dim=attrgetter("key_value_proj_dim"), cross_arg="key_value_states")
-_DISTILBERT = _AttentionKind(inner=_itself, kv_dim=attrgetter("k_lin.out_features"),
-                             head_dim=attrgetter("attention_head_size"), placeholder=("k_lin", "v_lin"))
-
-#: attention class name -> how to insert prefixes. Classes of the same family share code.
-_KINDS: Dict[str, _AttentionKind] = {
-    "BertAttention": _BERT, "RobertaAttention": _BERT, "XLMRobertaAttention": _BERT,
-    "DistilBertSelfAttention": _DISTILBERT,
-    "GPT2Attention": _GPT2,
-    "OPTAttention": _PROJ,
-    "T5LayerSelfAttention": _T5_SELF, "MT5LayerSelfAttention": _T5_SELF,
-    "T5LayerCrossAttention": _T5_CROSS, "MT5LayerCrossAttention": _T5_CROSS,
-    "T5Attention": _T5_ATTN, "MT5Attention": _T5_ATTN,
-    "BartAttention": _BART,
-    "LlamaAttention": _PROJ, "Qwen2Attention": _PROJ, "MistralAttention": _PROJ,
-}
-SUPPORTED_ARCHITECTURES = ("BERT", "RoBERTa", "DistilBERT", "GPT-2", "OPT", "T5", "BART", "Llama",
-                           "Qwen2", "Mistral")
-_SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
-
-
-def _unsupported(name: str, module: nn.Module, model: nn.Module) -> NotImplementedError:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    arch = f" ({model_type})" if model_type else ""
-    return NotImplementedError(
-        f"PrefixModel cannot insert prefixes into {name!r}, a {type(module).__name__}{arch}: prefix "
-        f"tuning is implemented for the attention modules of {', '.join(SUPPORTED_ARCHITECTURES)} "
-        f"(classes {', '.join(sorted(_KINDS))}). Target the attention blocks of one of those, or use "
-        "another delta method (LoRA, Adapter, SoftPrompt) for this architecture.")
-
-
-# --------------------------------------------------------------------------- cache view
-class PrefixedCache:
-    """A view of a transformers ``Cache`` (or of none) with prefix keys/values in front.
-
-    Given to one attention call as its ``past_key_values``. ``update`` stores the real
-    keys/values in ``inner`` and returns ``[prefix; cached + new]`` along the sequence axis.
-
-    Args:
-        inner: the caller's cache layer collection (a ``DynamicCache``, the self-attention
-            part of an ``EncoderDecoderCache``, another view), or ``None``.
-        key, value: ``[batch, kv_heads, P, head_dim]``.
-        expected_length: if given, the real key length the attention mask was built for; a
-            cache returning another length (a static cache) raises instead of misaligning.
-    """
-
-    def __init__(self, inner: Any, key: torch.Tensor, value: torch.Tensor,
-                 expected_length: Optional[int] = None):
-        self.inner, self.key, self.value = inner, key, value
-        self.expected_length = expected_length
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.inner is not None:
-            key_states, value_states = self.inner.update(key_states, value_states, layer_idx, *args, **kwargs)
-        if self.expected_length is not None and key_states.shape[-2] != self.expected_length:
-            raise NotImplementedError(
-                f"prefix tuning needs a cache that returns exactly the tokens seen so far "
-                f"(got {key_states.shape[-2]} positions, expected {self.expected_length}); static "
-                "or sliding caches are not supported: use the default dynamic cache")
-        key = torch.cat([self.key.to(key_states.dtype), key_states], dim=-2)
-        value = torch.cat([self.value.to(value_states.dtype), value_states], dim=-2)
-        return key, value
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Length of the viewed sequence: the ``P`` prefix positions plus what is cached.
-
-        T5 reads this to place queries when computing relative position biases, so its
-        prefixes sit at positions ``-P .. -1`` and real tokens keep their true distances.
-        """
-        past = self.inner.get_seq_length(layer_idx) if self.inner is not None else 0
-        return self.key.shape[-2] + past
-
-
-def _extend_mask(mask: Optional[torch.Tensor], num: int, causal: bool, query_length: int,
-                 key_length: int, past_length: int, dtype: torch.dtype, device: torch.device,
-                 rows: bool = False) -> Optional[torch.Tensor]:
-    """The attention mask with ``num`` always-visible key columns in front.
-
-    ``mask`` is a 4-D ``[batch | 1, heads | 1, query, key]`` mask, boolean (``True`` =
-    visible) or additive float, or ``None``. ``None`` stays ``None`` for bidirectional
-    attention and single-query steps; for causal attention over several queries an explicit
-    additive mask ``[1, 1, query, num + key]`` is built (query ``i`` sees real key ``j`` iff
-    ``j <= past_length + i``). ``rows`` also prepends ``num`` all-visible query rows
-    (DistilBERT's placeholder positions).
-    """
-    if mask is None:
-        if not causal or query_length == 1:
-            return None
-        keys = torch.arange(key_length, device=device)
-        queries = torch.arange(query_length, device=device) + past_length
-        visible = torch.cat([torch.ones(query_length, num, dtype=torch.bool, device=device),
-                             keys[None, :] <= queries[:, None]], dim=1)
-        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-        return mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
-    if mask.dim() != 4:
-        raise NotImplementedError(
-            f"prefix tuning expects a 4-D attention mask inside the attention layer, got shape "
-            f"{tuple(mask.shape)}; use attn_implementation='eager' or 'sdpa'")
-    fill = True if mask.dtype == torch.bool else 0
-    mask = torch.cat([mask.new_full((*mask.shape[:-1], num), fill), mask], dim=-1)
-    if rows and mask.shape[-2] != 1:
-        mask = torch.cat([mask.new_full((*mask.shape[:-2], num, mask.shape[-1]), fill), mask], dim=-2)
-    return mask
-
-
 # --------------------------------------------------------------------------- layers
-@functools.lru_cache(maxsize=None)
-def _argument_names(host_class: type) -> Tuple[str, str, Optional[str]]:
-    """The names of an attention class's hidden-states, attention-mask and cache arguments."""
-    names = list(inspect.signature(host_class.forward).parameters)[1:]
-    mask = next((n for n in ("attention_mask", "mask") if n in names), None)
-    cache = "past_key_values" if "past_key_values" in names else None
-    if mask is None or (cache is None and _KINDS[host_class.__name__].placeholder is None):
-        raise NotImplementedError(f"{host_class.__name__}.forward takes no attention mask or no cache "
-                                  "argument; this transformers version is not supported by PrefixModel")
-    return names[0], mask, cache
-
-
 class PrefixReparameterization(DeltaLayer):
     """The MLP producing every layer's prefixes (OpenDelta's ``reparams``).
 
@@ -289,11 +146,10 @@ class PrefixLayer(DeltaLayer):
         else:
             self.register_parameter("past_key", None)
             self.register_parameter("past_value", None)
-        self.__dict__["_active"] = None  # DistilBERT: (key, value) during one host call
 
     @property
-    def kind(self) -> _AttentionKind:
-        return _KINDS[self.host_class]
+    def kind(self) -> AttentionKind:
+        return ATTENTION_KINDS[self.host_class]
 
     def set_reparameterization(self, reparams: Optional[PrefixReparameterization], offset: int = 0) -> None:
         self.__dict__["reparams"] = reparams
@@ -314,54 +170,60 @@ class PrefixLayer(DeltaLayer):
         return x.unsqueeze(0).expand(batch, *x.shape)
 
     def pre_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
-        hidden_arg, mask_arg, cache_arg = _argument_names(type(host))
-        arguments = call_as_kwargs(host, args, kwargs)
-        hidden = arguments[hidden_arg]
+        kind = self.kind
+        roles = attention_roles(type(host), needs_cache=kind.placeholder is None)
+        call_args, call_kwargs = list(args), dict(kwargs)
+        hidden = roles.hidden.get(call_args, call_kwargs)
         batch, query_length = hidden.shape[0], hidden.shape[1]
-        inner = self.kind.inner(host)
+        inner = kind.inner(host)
         implementation = getattr(getattr(inner, "config", None), "_attn_implementation", None) or "eager"
-        if implementation not in _SUPPORTED_IMPLEMENTATIONS:
+        if implementation not in SUPPORTED_IMPLEMENTATIONS:
             raise NotImplementedError(
-                f"prefix tuning supports attn_implementation {_SUPPORTED_IMPLEMENTATIONS}, this model "
+                f"prefix tuning supports attn_implementation {SUPPORTED_IMPLEMENTATIONS}, this model "
                 f"uses {implementation!r}; load it with attn_implementation='sdpa'")
         key, value = self.key_value()
         num = self.prefix_token_num
-        mask = arguments.get(mask_arg)
+        mask = roles.mask.get(call_args, call_kwargs)
         # A mask built from scratch is additive, in the hidden dtype (right for eager and SDPA).
         mask_dtype = hidden.dtype if hidden.is_floating_point() else key.dtype
-        if self.kind.placeholder is not None:
+        if kind.placeholder is not None:
             placeholders = hidden.new_zeros(batch, num, hidden.shape[-1])
-            arguments[hidden_arg] = torch.cat([placeholders, hidden], 1)
-            arguments[mask_arg] = _extend_mask(mask, num, False, query_length, query_length, 0,
-                                               mask_dtype, hidden.device, rows=True)
-            self.__dict__["_active"] = (key, value)
-            return (), arguments
+            roles.hidden.set(call_args, call_kwargs, torch.cat([placeholders, hidden], 1))
+            roles.mask.set(call_args, call_kwargs, extend_mask(mask, num, False, query_length, query_length, 0,
+                                                               mask_dtype, hidden.device, rows=True))
+            # Read by the PrefixSlots of the key/value projections, popped by post_forward.
+            push_call_value(self, (key, value))
+            return tuple(call_args), call_kwargs
 
-        cross = self.kind.always_cross or (self.kind.cross_arg is not None
-                                           and arguments.get(self.kind.cross_arg) is not None)
-        cache = arguments.get(cache_arg)
+        assert roles.cache is not None  # attention_roles requires it without a placeholder
+        cross_states = roles.cross.get(call_args, call_kwargs) if roles.cross is not None else None
+        cross = kind.always_cross or (kind.cross_when_passed and cross_states is not None)
         if cross:
+            if cross_states is None:
+                raise ValueError(f"{type(host).__name__} was called without the states to attend to")
             # Cross-attention keys are recomputed from the encoder states at every call,
             # never stored: the caller's cross-attention cache would append them again.
-            cache, past, key_length = None, 0, arguments[self.kind.cross_arg or "key_value_states"].shape[1]
+            cache, past, key_length = None, 0, cross_states.shape[1]
         else:
-            if cache is not None and hasattr(cache, "self_attention_cache"):
-                cache = cache.self_attention_cache  # an EncoderDecoderCache
-            layer_idx = getattr(inner, "layer_idx", None) or 0
-            past = cache.get_seq_length(layer_idx) if cache is not None else 0
+            cache = inner_cache(roles.cache.get(call_args, call_kwargs))
+            past = cache_length(cache, getattr(inner, "layer_idx", None) or 0)
             key_length = past + query_length
-        # Absent attribute: causal, as transformers' SDPA integration assumes.
-        causal = bool(getattr(inner, "is_causal", True)) and not cross
-        new_mask = _extend_mask(mask, num, causal, query_length, key_length, past, mask_dtype, hidden.device)
+            # transformers < 5.24 also place queries by cache_position (T5's position bias):
+            # through the view they sit P positions further (the view shifts it back for the cache).
+            position = roles.cache_position.get(call_args, call_kwargs) if roles.cache_position else None
+            if isinstance(position, torch.Tensor):
+                roles.cache_position.set(call_args, call_kwargs, position + num)
+        causal = is_causal(inner) and not cross
+        new_mask = extend_mask(mask, num, causal, query_length, key_length, past, mask_dtype, hidden.device)
         built = mask is None and new_mask is not None
-        arguments[mask_arg] = new_mask
-        arguments[cache_arg] = PrefixedCache(cache, self._heads(key, batch), self._heads(value, batch),
-                                             expected_length=key_length if built else None)
-        return (), arguments
+        roles.mask.set(call_args, call_kwargs, new_mask)
+        roles.cache.set(call_args, call_kwargs, PrefixedCache(
+            cache, self._heads(key, batch), self._heads(value, batch), expected_length=key_length if built else None))
+        return tuple(call_args), call_kwargs
 
     # DistilBERT: the placeholder rows are dropped from the attention's output.
     def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
-        self.__dict__["_active"] = None
+        pop_call_value(self, None)
         num = self.prefix_token_num
         attn_output, *rest = output
         weights = rest[0] if rest else None
@@ -375,7 +237,11 @@ class PrefixLayer(DeltaLayer):
 
 class PrefixSlot(DeltaLayer):
     """DistilBERT only: writes a :class:`PrefixLayer`'s key or value prefix over the
-    placeholder positions of its host projection's output ``[batch, P + seq, kv_dim]``."""
+    placeholder positions of its host projection's output ``[batch, P + seq, kv_dim]``.
+
+    The prefixes come from the owner's pre-hook of the same forward pass, through
+    :func:`~opendelta.core.dispatch.peek_call_value` (per thread: concurrent forwards of one
+    model do not see each other's)."""
 
     supports_routing = False
 
@@ -386,7 +252,7 @@ class PrefixSlot(DeltaLayer):
 
     def post_forward(self, host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any],
                      output: torch.Tensor) -> torch.Tensor:
-        active = self.__dict__["owner"].__dict__["_active"]
+        active = peek_call_value(self.__dict__["owner"])
         if active is None:  # the projection was called outside its attention module
             return output
         prefix = active[self.which].to(output.dtype)
@@ -395,6 +261,16 @@ class PrefixSlot(DeltaLayer):
 
 
 # --------------------------------------------------------------------------- delta model
+def _unsupported(name: str, module: nn.Module, model: nn.Module) -> NotImplementedError:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = f" ({model_type})" if model_type else ""
+    return NotImplementedError(
+        f"PrefixModel cannot insert prefixes into {name!r}, a {type(module).__name__}{arch}: prefix "
+        f"tuning is implemented for the attention modules of {', '.join(SUPPORTED_ARCHITECTURES)} "
+        f"(classes {', '.join(sorted(ATTENTION_KINDS))}). Target the attention blocks of one of those, or use "
+        "another delta method (LoRA, Adapter, SoftPrompt) for this architecture.")
+
+
 @registered(aliases=["prefix_tuning"])
 class PrefixModel(DeltaBase):
     """Prefix tuning on the attention modules of supported transformers models.
@@ -425,10 +301,10 @@ class PrefixModel(DeltaBase):
         kinds = []
         for name in targets:
             module = modules[name]
-            kind = _KINDS.get(type(module).__name__)
-            if kind is None or (getattr(module, "is_cross_attention", False) and kind in (_BERT, _GPT2)):
+            kind = ATTENTION_KINDS.get(type(module).__name__)
+            if kind is None or (getattr(module, "is_cross_attention", False) and kind in (BERT, GPT2)):
                 raise _unsupported(name, module, self.backbone_model)
-            _argument_names(type(module))
+            attention_roles(type(module), needs_cache=kind.placeholder is None)
             kinds.append(kind)
         self._check_t5_stacks(targets, modules)
 
@@ -469,8 +345,7 @@ class PrefixModel(DeltaBase):
         attention layers of one kind in a stack must have the same number of positions."""
         groups: Dict[Tuple[str, str], List[str]] = {}
         for name, module in modules.items():
-            if type(module).__name__ in ("T5LayerSelfAttention", "T5LayerCrossAttention",
-                                         "MT5LayerSelfAttention", "MT5LayerCrossAttention"):
+            if type(module).__name__ in T5_LAYERS:
                 stack = name.rsplit(".block.", 1)[0]
                 groups.setdefault((stack, type(module).__name__), []).append(name)
         chosen = set(targets)

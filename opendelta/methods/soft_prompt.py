@@ -7,15 +7,17 @@ backbone (on its encoder). The model sees ``n = soft_token_num`` extra leading p
 * ``input_ids`` become ``inputs_embeds`` (the caller may pass ``inputs_embeds`` directly);
 * every tensor named in ``other_expand_ids`` that covers the input sequence is extended at
   the front with its value (``attention_mask`` with 1, ``token_type_ids`` with 0);
-  ``position_ids``, if given, become ``0 .. n-1`` followed by the given ones shifted by ``n``;
+  ``position_ids`` and ``cache_position`` (transformers < 5.24), if given, become
+  ``0 .. n-1`` followed by the given ones shifted by ``n``;
 * token-level ``labels`` (decoder-only and masked language models) get ``n`` leading ``-100``,
   so the loss is unchanged; the outputs (logits, hidden states) keep the ``n`` prompt
   positions at the front, as in OpenDelta;
 * for encoder-decoder models a parameterless layer on the model extends the
   ``attention_mask`` seen by the decoder's cross-attention;
 * ``generate()`` with a KV cache: only the first step (empty cache) gets the prompt; later
-  steps get the attention mask extended and the position ids shifted, consistently with
-  the cached prompt.
+  steps get the attention mask extended and the positions shifted, consistently with the
+  cached prompt. The cache argument is found by role (``cache`` since transformers 5.24,
+  ``past_key_values`` before; :mod:`opendelta.integrations.transformers.roles`).
 
 Decoder-only sequence classifiers (``GPT2ForSequenceClassification``, ...) cannot find the
 last real token in ``inputs_embeds`` and pool the last position: pad such batches on the left.
@@ -38,6 +40,7 @@ from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
 from ..core.layers import DeltaLayer, call_as_kwargs
 from ..core.registry import registered
+from ..integrations.transformers.roles import cache_length, passed_key
 
 IGNORE_INDEX = -100
 
@@ -76,15 +79,13 @@ class SoftPromptConfig(BaseDeltaConfig):
 
 
 # --------------------------------------------------------------------------- helpers
-def _cache_length(past_key_values: Any) -> int:
-    """Number of positions already in a KV cache (0 for none)."""
-    if past_key_values is None:
-        return 0
-    get_length = getattr(past_key_values, "get_seq_length", None)
-    if get_length is None:
-        raise TypeError(f"SoftPrompt expects past_key_values to be a transformers Cache, got "
-                        f"{type(past_key_values).__name__}")
-    return int(get_length())
+def _shift_positions(positions: torch.Tensor, n: int, first_step: bool) -> torch.Tensor:
+    """Positions (``[..., length]``) of a call seen after ``n`` prompt positions: shifted
+    by ``n``, preceded by the prompt's own ``0 .. n-1`` on the step that adds the prompt."""
+    if not first_step:
+        return positions + n
+    front = torch.arange(n, dtype=positions.dtype, device=positions.device).expand(*positions.shape[:-1], n)
+    return torch.cat([front, positions + n], dim=-1)
 
 
 def _prepend(tensor: torch.Tensor, n: int, value: Any, name: str) -> torch.Tensor:
@@ -130,7 +131,9 @@ class SoftPromptLayer(DeltaLayer):
                     ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         kwargs = call_as_kwargs(host, args, kwargs)
         n = self.num_tokens
-        past = _cache_length(kwargs.get("past_key_values"))
+        # The cache by role: transformers 5.24 renamed the model's past_key_values to cache.
+        cache_key = passed_key(type(host), "cache", kwargs)
+        past = cache_length(kwargs[cache_key]) if cache_key is not None else 0
         embeds, ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
         if embeds is None and ids is None:
             raise ValueError("SoftPrompt needs input_ids or inputs_embeds in the model call")
@@ -149,14 +152,12 @@ class SoftPromptLayer(DeltaLayer):
             tensor = kwargs.get(key)
             if isinstance(tensor, torch.Tensor) and tensor.shape[-1] == full_length:
                 kwargs[key] = _prepend(tensor, n, value, key)
-        positions = kwargs.get("position_ids")
-        if isinstance(positions, torch.Tensor):
-            if first_step:
-                front = torch.arange(n, dtype=positions.dtype, device=positions.device)
-                front = front.expand(*positions.shape[:-1], n)
-                kwargs["position_ids"] = torch.cat([front, positions + n], dim=-1)
-            else:
-                kwargs["position_ids"] = positions + n
+        # Positions the caller counted without the prompt: position_ids and (transformers
+        # < 5.24, where the masks are sized by it) cache_position.
+        for role in ("position_ids", "cache_position"):
+            key = passed_key(type(host), role, kwargs)
+            if key is not None and isinstance(kwargs[key], torch.Tensor):
+                kwargs[key] = _shift_positions(kwargs[key], n, first_step)
         labels = kwargs.get("labels")
         if (first_step and isinstance(labels, torch.Tensor) and labels.dim() == 2
                 and not labels.is_floating_point() and labels.shape[1] == full_length):
