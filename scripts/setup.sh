@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip "$@"; }
+# Every install is held to the lock, constraints.txt: the same versions on any machine.
 # torch first and pinned: a CPU build; an unpinned torch would pull CUDA packages.
-pip install -q "torch==2.13.0"
+pip install -q -c constraints.txt "torch==2.13.0"
 extras="full"
 if [ "${1:-}" = "--test" ]; then
     extras="full,test"
@@ -18,4 +19,4 @@ if [ "${1:-}" = "--test" ]; then
             || echo "warning: could not install chromium; the browser test will be skipped" >&2
     fi
 fi
-pip install -q -e ".[$extras]"
+pip install -q -c constraints.txt -e ".[$extras]"

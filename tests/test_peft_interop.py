@@ -106,6 +106,22 @@ def test_unsupported_peft_options_are_refused_and_backbone_unchanged(tmp_path):
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_export_records_where_the_backbone_was_loaded_from(tmp_path):
+    built = tm.build("bert", "cls")
+    built.save_pretrained(tmp_path / "backbone")
+    loaded = type(built).from_pretrained(tmp_path / "backbone")
+    delta = LoraModel(loaded, modified_modules=["query"])
+
+    def recorded(path):
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            return json.load(f)["base_model_name_or_path"]
+
+    assert recorded(save_peft_lora(delta, tmp_path / "a")) == str(tmp_path / "backbone")
+    assert recorded(save_peft_lora(delta, tmp_path / "b", base_model_name_or_path="org/m")) == "org/m"
+    # A backbone built from a config has no origin: nothing is recorded.
+    assert recorded(save_peft_lora(LoraModel(built, modified_modules=["query"]), tmp_path / "c")) is None
+
+
 def test_export_refuses_other_methods(tmp_path):
     from opendelta import AdapterModel
 

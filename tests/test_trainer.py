@@ -105,6 +105,23 @@ def test_callback_saves_finetuned_and_makes_resume_quiet(tmp_path):
     assert fresh.load_state_dict(partial, strict=False).missing_keys == ["classifier.bias"]
 
 
+def test_checkpoint_deltas_go_where_trainer_wrote_its_checkpoint_or_nowhere(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    model, delta = _model()
+    callback = DeltaTrainerCallback(delta, save_at_end=False, save_with_checkpoints=True)
+    args = _trainer(model, tmp_path / "run").args
+    state = TrainerState(global_step=SAVE_EVERY)
+    # No checkpoint-3 written (a Trainer naming its checkpoints differently): a clear error,
+    # and no stray delta directory.
+    with pytest.raises(RuntimeError, match=f"Trainer wrote no .*checkpoint-{SAVE_EVERY}"):
+        callback.on_save(args, state, TrainerControl())
+    assert not (tmp_path / "run" / f"checkpoint-{SAVE_EVERY}").exists()
+    (tmp_path / "run" / f"checkpoint-{SAVE_EVERY}").mkdir(parents=True)
+    callback.on_save(args, state, TrainerControl())
+    assert (tmp_path / "run" / f"checkpoint-{SAVE_EVERY}" / "delta" / "config.json").is_file()
+
+
 def test_callback_refuses_unfrozen_backbone():
     model = tiny_models.build("bert", "cls")
     delta = LoraModel(model, modified_modules=["query"])

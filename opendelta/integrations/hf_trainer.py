@@ -22,7 +22,8 @@ import os
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from torch import nn
-from transformers import TrainerCallback
+from transformers import TrainerCallback, __version__ as transformers_version
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..core.base import set_trainable_state_dict
 from .distributed import save_finetuned_distributed
@@ -57,6 +58,12 @@ def allow_partial_loading(model: nn.Module) -> None:
         model.__dict__[_LOAD_HOOK] = model.register_load_state_dict_post_hook(_ignore_frozen_missing_keys)
 
 
+def checkpoint_dir(args: Any, state: Any) -> str:
+    """The directory ``Trainer`` writes the checkpoint of ``state.global_step`` to: named
+    with Trainer's own prefix (``checkpoint``), not a copy of its spelling."""
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
 class DeltaTrainerCallback(TrainerCallback):
     """Delta-only ``Trainer`` checkpoints, quiet resumption, ``save_finetuned`` at the end.
 
@@ -87,7 +94,16 @@ class DeltaTrainerCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self.save_with_checkpoints:
-            checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            checkpoint = checkpoint_dir(args, state)
+            # Trainer calls on_save after writing the checkpoint, so on the processes that
+            # write (args.should_save) the directory must be there; if it is not, this
+            # Trainer names its checkpoints differently, and the delta must not go elsewhere.
+            if args.should_save and not os.path.isdir(checkpoint):
+                raise RuntimeError(
+                    f"DeltaTrainerCallback(save_with_checkpoints=True): Trainer wrote no {checkpoint} "
+                    f"at step {state.global_step}; transformers {transformers_version} names its "
+                    "checkpoints differently from the releases opendelta is tested with (README, "
+                    "'Supported versions'). Use save_with_checkpoints=False, or a tested release.")
             save_finetuned_distributed(self.delta_model, os.path.join(checkpoint, "delta"))
         return control
 

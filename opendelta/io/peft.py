@@ -32,6 +32,7 @@ from torch import nn
 from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object,
                                read_weights, write_files_atomically)
 from ..core.shapes import is_conv1d_transposed
+from .state import trainable_backbone_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.base import DeltaBase
@@ -44,6 +45,16 @@ _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layer_replication": None
                 "alora_invocation_tokens": None}
 
 
+def _name_or_path(backbone: nn.Module) -> Optional[str]:
+    """Where the backbone was loaded from: its config's public ``name_or_path`` (the private
+    ``_name_or_path`` behind it only where a config lacks the property), or ``None``."""
+    config = getattr(backbone, "config", None)
+    name = getattr(config, "name_or_path", None)
+    if name is None:
+        name = getattr(config, "_name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
 def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"],
                    base_model_name_or_path: Optional[str] = None) -> str:
     """Write a LoRA delta as a PEFT adapter directory (atomically).
@@ -52,7 +63,7 @@ def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"]
         delta: a :class:`LoraModel`.
         directory: where to write ``adapter_config.json`` and ``adapter_model.safetensors``.
         base_model_name_or_path: recorded for PEFT; default the backbone's
-            ``config._name_or_path``.
+            ``config.name_or_path`` (where it was loaded from; ``None`` if built from a config).
 
     Returns:
         the absolute path of the directory.
@@ -63,14 +74,14 @@ def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"]
     hosts: List[str] = []
     tensors: Dict[str, torch.Tensor] = {}
     conv1d = False
-    for host_name, _, layer in delta._layers:
+    for host_name, _, layer in delta.layer_entries():
         host = backbone.get_submodule(host_name) if host_name else backbone
         conv1d = conv1d or is_conv1d_transposed(host)
         hosts.append(host_name)
         tensors[f"{PREFIX}{host_name}.lora_A.weight"] = layer.lora_A
         tensors[f"{PREFIX}{host_name}.lora_B.weight"] = layer.lora_B
     # Backbone modules left trainable travel whole, as PEFT's modules_to_save.
-    trainable = delta._trainable_backbone_tensors()
+    trainable = trainable_backbone_tensors(delta)
     modules_to_save = sorted({name.rpartition(".")[0] for name in trainable})
     for module_name in modules_to_save:
         module = backbone.get_submodule(module_name)
@@ -81,7 +92,7 @@ def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"]
         raise CheckpointError(f"cannot export tensors on the meta device ({meta[:3]}...)")
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     cfg = delta.config
-    name = base_model_name_or_path or getattr(getattr(backbone, "config", None), "_name_or_path", None)
+    name = base_model_name_or_path or _name_or_path(backbone)
     adapter_config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": name or None,
