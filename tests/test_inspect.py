@@ -35,9 +35,11 @@ def test_module_statistics_equal_hand_counts(tuned):
     assert stats["backbone_parameters"] == BACKBONE
     assert stats["delta_parameters"] == LORA == 2048
     assert stats["trainable_parameters"] == LORA + CLASSIFIER
-    assert stats["trainable_ratio"] == pytest.approx((LORA + CLASSIFIER) / BACKBONE, rel=1e-12)
-    assert stats["delta_ratio"] == pytest.approx(LORA / BACKBONE, rel=1e-12)
-    assert stats["trainable_ratio_of_total"] == pytest.approx((LORA + CLASSIFIER) / (BACKBONE + LORA), rel=1e-12)
+    # OpenDelta's denominators: all parameters, deltas included
+    assert stats["trainable_ratio"] == pytest.approx((LORA + CLASSIFIER) / (BACKBONE + LORA), rel=1e-12)
+    assert stats["delta_ratio"] == pytest.approx(LORA / (BACKBONE + LORA), rel=1e-12)
+    assert stats["trainable_ratio_of_backbone"] == pytest.approx((LORA + CLASSIFIER) / BACKBONE, rel=1e-12)
+    assert stats["delta_ratio_of_backbone"] == pytest.approx(LORA / BACKBONE, rel=1e-12)
 
 
 def test_log_prints_tree_counts_and_ratios(tuned, capsys):
@@ -45,12 +47,13 @@ def test_log_prints_tree_counts_and_ratios(tuned, capsys):
     delta.log()
     out = capsys.readouterr().out
     assert "lora (LoraLayer) lora_A:[8, 32] lora_B:[32, 8]" in out          # the tree
-    assert f"Trainable parameters: {LORA + CLASSIFIER:,} ({100 * (LORA + CLASSIFIER) / BACKBONE:.4f}% of the backbone" in out
-    assert f"Delta parameters: {LORA:,} ({100 * LORA / BACKBONE:.4f}% of the backbone)" in out
+    # the manual's lines: count/total=percent with six decimals, over all 25,539 parameters
+    assert "Trainable Ratio: 2147/25539=8.406750%" in out.splitlines()
+    assert "Delta Parameter Ratio: 2048/25539=8.019108%" in out.splitlines()
     assert f"Total parameters: {BACKBONE + LORA:,} (backbone {BACKBONE:,} + delta {LORA:,})" in out
     delta.log(visualization=False, delta_ratio=False, trainable_ratio=False)
     out = capsys.readouterr().out
-    assert "LoraLayer" not in out and "Delta parameters" not in out and "Trainable" not in out
+    assert "LoraLayer" not in out and "Delta Parameter Ratio" not in out and "Trainable Ratio" not in out
     assert f"Total parameters: {BACKBONE + LORA:,}" in out
 
 

@@ -125,7 +125,8 @@ def test_common_structure_view():
     vis = Visualization(model)
     tree = vis.structure_graph(common_structure=True, printTree=False)
     lines = lines_of(vis)
-    assert "encoder (virtual)" in lines and "block (virtual)" in lines and "0-2 (BertLayer)" in lines
+    # bert.encoder and bert.encoder.layer have common names (encoder, encoder.block)
+    assert "encoder (BertEncoder)" in lines and "block (ModuleList)" in lines and "0-2 (BertLayer)" in lines
     assert "attn (BertAttention)" in lines
     assert "q,k,v,proj (Linear) weight:[32, 32] bias:[32]" in lines
     assert "ff (BertIntermediate+BertOutput)" in lines

@@ -8,7 +8,7 @@ is not enough, :func:`probe_sizes` runs one dummy forward and reports failures c
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -74,14 +74,56 @@ def static_sizes(module: nn.Module) -> Optional[Sizes]:
     return sized[0][0], sized[-1][1]
 
 
+def dummy_inputs_of(backbone: nn.Module) -> Tuple[Tuple[Any, ...], Dict[str, Any], str]:
+    """``(args, kwargs, source)`` of the pseudo input used to probe ``backbone``'s sizes.
+
+    A ``dummy_inputs`` attribute of the backbone wins (as in OpenDelta, FAQ 3:
+    ``backbone.dummy_inputs = {"input_ids": ...}``; transformers models define one): a dict
+    is passed as keyword arguments, a tuple or list as positional ones, anything else (a
+    tensor) as the single argument. Otherwise four token ids (and decoder ids for
+    encoder-decoder models). Tensors are moved to the device of the backbone's first
+    parameter; ``source`` says where the input came from, for error messages.
+    """
+    param = next(backbone.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        given = getattr(backbone, "dummy_inputs", None)
+    except Exception:  # a property that cannot build its input: use ours
+        given = None
+    if given is not None:
+        moved = _to_device(given, device)
+        source = f"{type(backbone).__name__}.dummy_inputs"
+        if isinstance(moved, dict):
+            return (), moved, source
+        if isinstance(moved, (tuple, list)):
+            return tuple(moved), {}, source
+        return (moved,), {}, source
+    ids = torch.tensor([[3, 4, 5, 6]], device=device)
+    inputs = {"input_ids": ids}
+    if getattr(getattr(backbone, "config", None), "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = ids
+    return (), inputs, "token ids (input_ids=[[3, 4, 5, 6]])"
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
 def probe_sizes(backbone: nn.Module, names: Iterable[str]) -> Dict[str, Sizes]:
     """Sizes of the named submodules, measured by one dummy forward of ``backbone``.
 
-    The dummy input is four token ids (and decoder ids for encoder-decoder models).
+    The input is :func:`dummy_inputs_of` the backbone: its ``dummy_inputs`` attribute when
+    it has one, else four token ids (and decoder ids for encoder-decoder models).
 
     Raises:
         RuntimeError: the dummy forward failed or never reached a named module; the
-            message names the modules and the original error.
+            message names the modules, the input used and the original error.
     """
     from .layers import primary_input, primary_tensor
 
@@ -97,25 +139,23 @@ def probe_sizes(backbone: nn.Module, names: Iterable[str]) -> Dict[str, Sizes]:
 
     for name in names:
         handles.append(modules[name].register_forward_hook(make_hook(name), with_kwargs=True))
+    source = "no input"
     try:
-        param = next(backbone.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        ids = torch.tensor([[3, 4, 5, 6]], device=device)
-        inputs = {"input_ids": ids}
-        config = getattr(backbone, "config", None)
-        if getattr(config, "is_encoder_decoder", False):
-            inputs["decoder_input_ids"] = ids
+        args, kwargs, source = dummy_inputs_of(backbone)
         with torch.no_grad():
-            backbone(**inputs)
+            backbone(*args, **kwargs)
     except Exception as error:  # re-raised with context; never swallowed
         raise RuntimeError(
             f"could not infer the sizes of {names} from the modules themselves, and the dummy "
-            f"forward of {type(backbone).__name__} used as a fallback failed: {error}. Target "
-            "modules that declare their sizes (Linear, Conv1D, LayerNorm, ...).") from error
+            f"forward of {type(backbone).__name__} with {source} used as a fallback failed: {error}. "
+            "Target modules that declare their sizes (Linear, Conv1D, LayerNorm, ...), or set "
+            "backbone_model.dummy_inputs to an input the model accepts (a dict of keyword "
+            "arguments, a tuple of positional ones, or a tensor) before building the delta.") from error
     finally:
         for h in handles:
             h.remove()
     missing = [n for n in names if n not in found]
     if missing:
-        raise RuntimeError(f"the dummy forward never reached {missing}; cannot infer their sizes")
+        raise RuntimeError(f"the dummy forward ({source}) never reached {missing}; cannot infer their "
+                           "sizes; set backbone_model.dummy_inputs to an input that runs through them")
     return found

@@ -1,12 +1,24 @@
-"""Translate between a backbone's own module names and the common structure names."""
+"""Translate between a backbone's own module names and the common structure names.
+
+Besides the modules listed in :mod:`opendelta.core.structure_maps`, the containers of the
+layer stacks get their common names too, derived from the maps (never listed by hand):
+``encoder.layer.{i}`` -> ``encoder.block.{i}`` implies ``bert.encoder`` -> ``encoder`` and
+``bert.encoder.layer`` -> ``encoder.block``, as in the OpenDelta manual; GPT-2's
+``h.{i}`` -> ``decoder.block.{i}`` implies ``transformer.h`` -> ``decoder.block``.
+"""
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
 from .structure_maps import COMMON_STRUCTURES, StructureMap
+
+#: ``(index, compiled pattern, common name)``: the index keeps the map's priority order.
+_Rule = Tuple[int, "re.Pattern[str]", str]
+_INDEX = "{i}"
 
 
 def model_type_of(model: nn.Module) -> Optional[str]:
@@ -20,11 +32,42 @@ def _compile(original: str) -> "re.Pattern[str]":
     return re.compile(r"(?:.*\.)?" + body)
 
 
+def container_names(mapping: StructureMap) -> StructureMap:
+    """Common names of the modules that hold the layer stacks, derived from ``mapping``.
+
+    For a rule ``A.{i}...`` -> ``C.{i}...`` the stack container ``A`` is called ``C``, and
+    the prefixes of ``A`` get the prefixes of ``C`` aligned from the end (``encoder.layer``
+    -> ``encoder.block`` gives ``encoder`` -> ``encoder``; ``h`` -> ``decoder.block`` gives
+    nothing more). Names the map lists itself, and names that would get two different
+    common names, are left out.
+    """
+    derived: Dict[str, Optional[str]] = {}
+    for original, common in mapping.items():
+        if _INDEX not in original or _INDEX not in common:
+            continue
+        stack = original.split("." + _INDEX)[0].split(".")
+        target = common.split("." + _INDEX)[0].split(".")
+        if not stack[0] or not target[0]:
+            continue
+        pairs = [(".".join(stack), ".".join(target))]
+        for cut in range(1, min(len(stack), len(target))):
+            pairs.append((".".join(stack[:-cut]), ".".join(target[:-cut])))
+        for name, value in pairs:
+            if name in mapping:
+                continue
+            if derived.get(name, value) != value:
+                derived[name] = None  # ambiguous: two rules disagree
+            else:
+                derived[name] = value
+    return {name: value for name, value in derived.items() if value is not None}
+
+
 class CommonStructureMap:
     """Maps module names of a supported architecture to OpenDelta's common names.
 
     ``CommonStructureMap(bert).transform("bert.encoder.layer.0.attention.self.query")``
-    returns ``"encoder.block.0.attn.q"``; names without a common counterpart give ``None``.
+    returns ``"encoder.block.0.attn.q"``, ``transform("bert.encoder.layer")`` returns
+    ``"encoder.block"``; names without a common counterpart give ``None``.
 
     Raises:
         KeyError: the backbone's architecture has no map; the message lists those that do.
@@ -44,7 +87,21 @@ class CommonStructureMap:
         else:
             self.model_type = None
         self.mapping = mapping
-        self._rules: List[Tuple["re.Pattern[str]", str]] = [(_compile(o), c) for o, c in mapping.items()]
+        rules = {**mapping, **container_names(mapping)}
+        # Rules bucketed by the last segment they can match (a literal, or any index), so
+        # that a name is tried against a handful of patterns, not the whole map.
+        self._by_last: Dict[str, List[_Rule]] = {}
+        self._by_index: List[_Rule] = []
+        self._anywhere: List[_Rule] = []  # last segment partly an index, e.g. "layer_{i}"
+        for index, (original, common) in enumerate(rules.items()):
+            rule = (index, _compile(original), common)
+            last = original.rsplit(".", 1)[-1]
+            if last == _INDEX:
+                self._by_index.append(rule)
+            elif _INDEX in last:
+                self._anywhere.append(rule)
+            else:
+                self._by_last.setdefault(last, []).append(rule)
         self._cache: Dict[str, Optional[str]] = {}
 
     @classmethod
@@ -55,23 +112,33 @@ class CommonStructureMap:
         except KeyError:
             return None
 
-    def transform(self, name: str, strict: bool = False) -> Optional[str]:
-        """The common name of the module called ``name`` in the backbone.
+    def transform(self, org_key: str, strict: bool = False, warning: bool = False) -> Optional[str]:
+        """The common name of the module called ``org_key`` in the backbone.
 
         Args:
-            name: full dotted module name, e.g. ``"model.layers.3.self_attn.q_proj"``.
+            org_key: full dotted module name, e.g. ``"model.layers.3.self_attn.q_proj"``.
             strict: raise ``KeyError`` instead of returning ``None`` for unmapped names.
+            warning: warn (``UserWarning``) when ``org_key`` has no common name.
         """
-        if name not in self._cache:
-            self._cache[name] = self._transform(name)
-        common = self._cache[name]
-        if common is None and strict:
-            raise KeyError(f"module {name!r} has no common structure name")
+        try:
+            common = self._cache[org_key]
+        except KeyError:
+            common = self._cache[org_key] = self._transform(org_key)
+        if common is None:
+            if strict:
+                raise KeyError(f"module {org_key!r} has no common structure name")
+            if warning:
+                warnings.warn(f"module {org_key!r} has no common structure name", stacklevel=2)
         return common
 
     def _transform(self, name: str) -> Optional[str]:
-        for pattern, common in self._rules:
+        last = name.rsplit(".", 1)[-1]
+        rules = self._by_last.get(last, [])
+        extra = (self._by_index if last.isdigit() else []) + self._anywhere
+        if extra:
+            rules = sorted(rules + extra, key=lambda rule: rule[0])
+        for _, pattern, common in rules:
             match = pattern.fullmatch(name)
             if match:
-                return common.replace("{i}", match.group("i")) if "{i}" in common else common
+                return common.replace(_INDEX, match.group("i")) if _INDEX in common else common
         return None

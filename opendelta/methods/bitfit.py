@@ -79,12 +79,18 @@ class BiasLayer(MergeableLayer, DeltaLayer):
         return [(host.bias, self.bias.detach().to(host.bias.dtype))]
 
 
+def _is_known_type(module: nn.Module) -> bool:
+    """Linear, GPT-2 Conv1D, convolutions and normalisation layers: bias-able whether or not
+    they have a bias."""
+    return is_linear_like(module) or is_norm(module) or isinstance(module, nn.modules.conv._ConvNd)
+
+
 def biasable_layers(name: str, module: nn.Module) -> List[Tuple[str, nn.Module]]:
     """The Linear-like, convolution and normalisation layers at or below ``module``
     (never inside delta layers)."""
     if isinstance(module, DeltaLayer):
         return []
-    if is_linear_like(module) or is_norm(module) or isinstance(module, nn.modules.conv._ConvNd):
+    if _is_known_type(module):
         return [(name, module)]
     out = []
     for child_name, child in module.named_children():
@@ -96,7 +102,10 @@ def biasable_layers(name: str, module: nn.Module) -> List[Tuple[str, nn.Module]]
 class BitFitModel(DeltaBase):
     """Bias tuning (default: every linear and normalisation layer of the attention and
     feed-forward blocks). Targets may be whole blocks: every Linear, Conv1D, convolution
-    and normalisation layer inside gets a bias."""
+    and normalisation layer inside gets a bias. Targets may overlap or nest
+    (``["attention", "output"]`` on BERT, where ``attention.output`` is inside
+    ``attention``): every layer gets exactly one bias. A target that is a leaf of another
+    type gets a bias on its output, sized from the module (or by a dummy forward)."""
 
     delta_type = "bitfit"
     config_class = BitFitConfig
@@ -105,19 +114,79 @@ class BitFitModel(DeltaBase):
 
     def add_all_deltas(self, targets) -> None:
         modules = dict(self.backbone_model.named_modules())
-        done = set()
         for target in targets:
-            layers = [(n, m) for n, m in biasable_layers(target, modules[target]) if id(m) not in done]
-            if not layers and id(modules[target]) not in done:
+            module = modules[target]
+            layers = biasable_layers(target, module)
+            if not layers and isinstance(module._parameters.get("bias"), torch.Tensor):
+                layers = [(target, module)]
+            if layers:
+                for name, layer in layers:
+                    self.add_bias_to_modules_have_bias_or_known_type(layer, name)
+            elif not any(True for _ in module.children()):
+                self._add_bias_after(target, module)
+            else:
                 raise ValueError(f"BitFit found no Linear, Conv1D, convolution or normalisation layer "
-                                 f"in {target!r} ({type(modules[target]).__name__})")
-            for name, module in layers:
-                done.add(id(module))
-                self.add_delta(name, module)
+                                 f"in {target!r} ({type(module).__name__})")
 
     def add_delta(self, name: str, module: nn.Module) -> None:
-        sizes = leaf_sizes(module)
-        if sizes is None:
-            raise ValueError(f"cannot tell the output size of {name!r} ({type(module).__name__})")
-        channel_dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
-        self.insert_layer(name, BiasLayer(sizes[1], channel_dim, **self.factory_kwargs(module)))
+        if not self.add_bias_to_modules_have_bias_or_known_type(module, name) and not _has_bitfit(self, module):
+            raise ValueError(f"BitFit cannot add a bias to {name!r} ({type(module).__name__}): it has no "
+                             "bias and is no Linear, Conv1D, convolution or normalisation layer")
+
+    def add_bias_to_modules_have_bias_or_known_type(self, c: nn.Module, name: Optional[str] = None) -> bool:
+        """Give module ``c`` a trainable bias if it has a bias or is of a known type.
+
+        OpenDelta's rule: a module with a ``bias`` parameter, or a Linear, GPT-2 Conv1D,
+        convolution or normalisation layer without one, gets a bias; any other module is
+        left alone. The bias is a :class:`BiasLayer` (zeros) added to ``c``'s output:
+        training it trains ``c``'s own bias (``b + delta`` gets the same gradient) without
+        changing the backbone's bias, so :meth:`detach` restores it exactly. A module that
+        already has this delta's bias keeps it (targets may overlap).
+
+        Args:
+            c: a module of the backbone.
+            name: its full name in the backbone (found by identity when omitted).
+
+        Returns:
+            ``True`` if a bias was added, ``False`` if ``c`` already had one of this delta
+            or is of an unknown type without a bias.
+
+        Raises:
+            ValueError: ``c`` is not a module of this delta's backbone.
+        """
+        if isinstance(c, DeltaLayer) or _has_bitfit(self, c):
+            return False
+        if _is_known_type(c):
+            sizes = leaf_sizes(c)
+            if sizes is None:
+                return False
+            features = sizes[1]
+        else:
+            bias = c._parameters.get("bias")
+            if not isinstance(bias, torch.Tensor) or bias.dim() != 1:
+                return False
+            features = bias.shape[0]
+        name = self._name_of(c) if name is None else name
+        channel_dim = 1 if isinstance(c, nn.modules.conv._ConvNd) else -1
+        self.insert_layer(name, BiasLayer(features, channel_dim, **self.factory_kwargs(c)))
+        return True
+
+    def _add_bias_after(self, name: str, module: nn.Module) -> None:
+        """A bias on the output of a leaf module of another type (OpenDelta's
+        ``add_bias_to_others``)."""
+        if _has_bitfit(self, module):
+            return
+        features = self.module_sizes(name, module)[1]
+        self.insert_layer(name, BiasLayer(features, -1, **self.factory_kwargs(module)))
+
+    def _name_of(self, module: nn.Module) -> str:
+        for name, candidate in self.backbone_model.named_modules():
+            if candidate is module:
+                return name
+        raise ValueError(f"the {type(module).__name__} passed is not a module of this delta's backbone "
+                         f"({type(self.backbone_model).__name__}); pass one of backbone_model.modules()")
+
+
+def _has_bitfit(delta: BitFitModel, module: nn.Module) -> bool:
+    """Whether ``module`` already hosts ``delta``'s bias (its child name is ``delta``'s own)."""
+    return isinstance(module._modules.get(delta.layer_attr), BiasLayer)

@@ -21,11 +21,12 @@ _NAMES_SHOWN = 8
 def inspect_module_statistics(model: nn.Module) -> Dict[str, Any]:
     """Counts and ratios of ``model``'s parameters (shared parameters counted once).
 
-    Returns a dict with ``total_parameters``, ``trainable_parameters``,
+    Returns a dict with ``total_parameters`` (all, deltas included), ``trainable_parameters``,
     ``delta_parameters`` (inside delta layers), ``backbone_parameters`` (the rest),
-    ``trainable_ratio`` and ``delta_ratio`` (both relative to the backbone's parameters,
-    as OpenDelta reports them) and ``trainable_ratio_of_total``. Counts are numbers of
-    elements, not of tensors.
+    ``trainable_ratio`` and ``delta_ratio`` (over *all* parameters, as OpenDelta's
+    ``log()`` reports them: ``Trainable Ratio: 262144/1316020224=0.019919%``), and
+    ``trainable_ratio_of_backbone`` and ``delta_ratio_of_backbone`` (over the backbone's
+    own parameters). Counts are numbers of elements, not of tensors.
     """
     total = trainable = delta = 0
     for name, p in model.named_parameters():
@@ -41,9 +42,10 @@ def inspect_module_statistics(model: nn.Module) -> Dict[str, Any]:
         "trainable_parameters": trainable,
         "delta_parameters": delta,
         "backbone_parameters": backbone,
-        "trainable_ratio": trainable / backbone if backbone else 0.0,
-        "delta_ratio": delta / backbone if backbone else 0.0,
-        "trainable_ratio_of_total": trainable / total if total else 0.0,
+        "trainable_ratio": trainable / total if total else 0.0,
+        "delta_ratio": delta / total if total else 0.0,
+        "trainable_ratio_of_backbone": trainable / backbone if backbone else 0.0,
+        "delta_ratio_of_backbone": delta / backbone if backbone else 0.0,
     }
 
 
@@ -69,17 +71,19 @@ def parameter_devices(model: nn.Module) -> Dict[str, int]:
 
 def format_module_statistics(stats: Dict[str, Any], delta_ratio: bool = True,
                              trainable_ratio: bool = True) -> List[str]:
-    """The lines :func:`log_model` prints for ``stats`` from :func:`inspect_module_statistics`."""
+    """The lines :func:`log_model` prints for ``stats`` from :func:`inspect_module_statistics`:
+    OpenDelta's ``Trainable Ratio: t/total=x%`` and ``Delta Parameter Ratio: d/total=y%``
+    (both over all parameters, six decimals), then the counts."""
+    total = stats["total_parameters"]
     lines = []
     if trainable_ratio:
-        lines.append(f"Trainable parameters: {stats['trainable_parameters']:,} "
-                     f"({100 * stats['trainable_ratio']:.4f}% of the backbone, "
-                     f"{100 * stats['trainable_ratio_of_total']:.4f}% of all)")
+        lines.append(f"Trainable Ratio: {stats['trainable_parameters']}/{total}="
+                     f"{100 * stats['trainable_ratio']:.6f}%")
     if delta_ratio:
-        lines.append(f"Delta parameters: {stats['delta_parameters']:,} "
-                     f"({100 * stats['delta_ratio']:.4f}% of the backbone)")
-    lines.append(f"Total parameters: {stats['total_parameters']:,} "
-                 f"(backbone {stats['backbone_parameters']:,} + delta {stats['delta_parameters']:,})")
+        lines.append(f"Delta Parameter Ratio: {stats['delta_parameters']}/{total}="
+                     f"{100 * stats['delta_ratio']:.6f}%")
+    lines.append(f"Total parameters: {total:,} (backbone {stats['backbone_parameters']:,} "
+                 f"+ delta {stats['delta_parameters']:,})")
     return lines
 
 
