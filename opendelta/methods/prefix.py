@@ -45,7 +45,7 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
-from ..core.dispatch import detach_layer, peek_call_value, pop_call_value, push_call_value
+from ..core.dispatch import peek_call_value, pop_call_value, push_call_value
 from ..core.layers import DeltaLayer
 from ..core.registry import registered
 from ..integrations.transformers.attention import (ATTENTION_KINDS, BERT, GPT2, SUPPORTED_ARCHITECTURES,
@@ -360,7 +360,7 @@ class PrefixModel(DeltaBase):
     # ------------------------------------------------------------------ prefixes
     def prefix_layers(self) -> List[Tuple[str, PrefixLayer]]:
         """``(host module name, layer)`` of every attention this delta modifies."""
-        return [(host, layer) for host, _, layer in self._layers if isinstance(layer, PrefixLayer)]
+        return [(e.host_name, e.layer) for e in self.layer_entries() if isinstance(e.layer, PrefixLayer)]
 
     @torch.no_grad()
     def prefixes(self) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
@@ -376,18 +376,15 @@ class PrefixModel(DeltaBase):
         (trainable if the MLP was), ``config.reparameterize`` is ``False`` and outputs are
         unchanged. A no-op when the prefixes are already learnt directly.
         """
-        reparams = [(h, c, l) for h, c, l in self._layers if isinstance(l, PrefixReparameterization)]
+        reparams = [e for e in self.layer_entries() if isinstance(e.layer, PrefixReparameterization)]
         if not reparams:
             return
-        trainable = any(p.requires_grad for _, _, l in reparams for p in l.parameters())
+        trainable = any(p.requires_grad for e in reparams for p in e.layer.parameters())
         for _, layer in self.prefix_layers():
             key, value = layer.key_value()
             layer.past_key = nn.Parameter(key.detach().clone(), requires_grad=trainable)
             layer.past_value = nn.Parameter(value.detach().clone(), requires_grad=trainable)
             layer.set_reparameterization(None)
         for entry in reparams:
-            host_name, _, layer = entry
-            if self._attached:
-                detach_layer(self._hosts[host_name], layer)
-            self._layers.remove(entry)
+            self.remove_layer(entry)
         self.config = self.config.copy(reparameterize=False)
