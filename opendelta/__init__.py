@@ -21,7 +21,8 @@ from .io.peft import load_peft_lora, save_peft_lora
 __all__ = ["__version__", "AutoDeltaConfig", "AutoDeltaModel", "BackboneHashWarning", "BaseDeltaConfig",
            "CheckpointError", "CommonStructureMap", "DeltaBase", "DeltaLayer", "gen_model_hash",
            "gen_parameter_hash", "get_delta_class", "inspect_module_statistics", "load_peft_lora", "save_peft_lora",
-           "inspect_optimizer_statistics", "known_delta_types", "register_delta", "route", "Visualization",
+           "inspect_optimizer_statistics", "known_delta_types", "register_delta", "route",
+           "Visualization",  # noqa: F405 (provided lazily by __getattr__ below)
            *_method_names]
 
 

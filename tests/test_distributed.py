@@ -104,7 +104,7 @@ def _assert_close(actual, expected, what):
     assert actual.keys() == expected.keys(), what
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=ATOL, rtol=RTOL,
-                                   msg=lambda m: f"{what} {name}: {m}")
+                                   msg=lambda m, name=name: f"{what} {name}: {m}")
 
 
 # --------------------------------------------------------------------------- DDP

@@ -69,8 +69,9 @@ def test_original_checkpoint_reproduces_its_logits(fixtures_dir, arch, case):
 
     # The head the original trained stays trainable when training goes on.
     delta.freeze_module()
+    head = {k for k in saved_keys(fixtures_dir, case) if k.startswith("classifier.")}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
-        {n for n, _ in delta.named_parameters()} | {k for k in saved_keys(fixtures_dir, case) if k.startswith("classifier.")}
+        {n for n, _ in delta.named_parameters()} | head
 
     # Every tensor of the checkpoint found its place: the trained head is the one saved.
     saved = torch.load(os.path.join(fixtures_dir, case["delta_dir"], "pytorch_model.bin"), weights_only=True)
@@ -145,7 +146,8 @@ def test_legacy_weights_are_read_with_weights_only(tmp_path, fixtures_dir):
     torch.save(collections.OrderedDict(x=Payload()), directory / "pytorch_model.bin")
     model = load_backbone(fixtures_dir, arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin cannot be read with torch\.load\(weights_only=True\)"):
+    message = r"pytorch_model\.bin cannot be read with torch\.load\(weights_only=True\)"
+    with pytest.raises(CheckpointError, match=message):
         AutoDeltaModel.from_finetuned(directory, backbone_model=model)
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())

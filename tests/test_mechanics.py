@@ -158,7 +158,8 @@ def test_user_guide_examples():
     # Custom usage: BART fc2 with bottleneck 12.
     bart = tm.build("bart", "lm")
     delta = AdapterModel(backbone_model=bart, modified_modules=["fc2"], bottleneck_dim=12)
-    assert len(delta.layer_entries()) == 4 and all(l.modulelist.down_proj.out_features == 12 for _, _, l in delta.layer_entries())
+    entries = delta.layer_entries()
+    assert len(entries) == 4 and all(e.layer.modulelist.down_proj.out_features == 12 for e in entries)
     # Regex rules: only layer 1's self-attention output of the encoder.
     bart2 = tm.build("bart", "lm")
     delta = LoraModel(bart2, modified_modules=[r"[r]encoder\.layers\.[1]\.self_attn\.out_proj"])

@@ -421,7 +421,8 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
 
 def test_path_that_is_neither_directory_nor_hub_id(tmp_path, saved):
-    _expect_failure(str(tmp_path / "no" / "such" / "dir"), "neither an existing directory nor a Hugging Face Hub repo id")
+    _expect_failure(str(tmp_path / "no" / "such" / "dir"),
+                    "neither an existing directory nor a Hugging Face Hub repo id")
     _expect_failure(os.path.join(saved, "config.json"), "is a file; pass the checkpoint directory")
 
 

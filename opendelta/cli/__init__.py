@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--unfreeze", default=None,
                        help="comma-separated modules trained besides the delta (default: the classification head)")
     train.add_argument("--model", default=None, help="a local model directory (default: the bundled MiniLM)")
-    train.add_argument("--data", default=None, help="CSV/TSV/JSONL file with text and label columns (default: BBC news)")
+    train.add_argument("--data", default=None,
+                       help="CSV/TSV/JSONL file with text and label columns (default: BBC news)")
     train.add_argument("--text-column", default="text")
     train.add_argument("--label-column", default="label")
     train.add_argument("--test-fraction", type=float, default=0.2)

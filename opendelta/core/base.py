@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import BaseDeltaConfig
+from .addressing import endswith_in
 from .construction import (SUPPORTED_BACKENDS, build_from_config, check_arguments, hyperparameter_signature,
                            split_legacy)
 from .dispatch import attach_layer, detach_layer
@@ -81,6 +82,14 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
     #: child name of the delta layers on the modules they modify.
     layer_name: ClassVar[str] = "delta"
 
+    # Instance state (declared for readers and type checkers; see DeltaModelProtocol).
+    backbone_model: nn.Module
+    config: BaseDeltaConfig
+    lifecycle: DeltaLifecycle
+    name: str
+    layer_attr: str
+    structure_mapping: Optional[CommonStructureMap]
+
     def __init__(self, backbone_model: nn.Module, modified_modules: Optional[Sequence[str]] = None,
                  exclude_modules: Optional[Sequence[str]] = None,
                  unfrozen_modules: Optional[Sequence[str]] = None,
@@ -116,7 +125,7 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
             keys, marked = split_legacy(self.default_modified_modules)
             common_structure = marked or (self.builds_in_init() and common_structure is not False)
         else:
-            keys, marked = split_legacy(check_keys(modified_modules, "modified_modules"))
+            keys, marked = split_legacy(check_keys(list(modified_modules or []), "modified_modules"))
             common_structure = bool(common_structure) or marked
         # Keys written the original library's way ("attn@.q@") keep its rule: a key that only
         # matches excluded modules is ignored (our own rule raises, never a silent no-op).
@@ -206,13 +215,10 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
     def find_key(self, key: str, target_list: Sequence[str]) -> bool:
         """Whether module name ``key`` matches ``target_list`` (translated to its common
         name first when this delta uses common structure)."""
-        from .addressing import endswith_in
-
+        name: Optional[str] = key
         if self.structure_mapping is not None:
-            key = self.structure_mapping.transform(key)
-            if not key:
-                return False
-        return endswith_in(key, list(target_list))
+            name = self.structure_mapping.transform(key)
+        return bool(name) and endswith_in(str(name), list(target_list))
 
     def resolve_targets(self, keys: Sequence[str], uses_defaults: bool = False) -> List[str]:
         """Full names of the modules matched by ``keys`` and not excluded, in model order.
@@ -244,7 +250,7 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
     def insert_layer(self, host_name: str, layer: DeltaLayer, child_name: Optional[str] = None) -> LayerEntry:
         """Register ``layer`` on the module called ``host_name`` (``""``: the backbone),
         hook it in, and make it part of this delta model."""
-        host = self.backbone_model.get_submodule(host_name) if host_name else self.backbone_model
+        host: nn.Module = self.backbone_model.get_submodule(host_name) if host_name else self.backbone_model
         child_name = child_name or self.layer_attr
         layer.delta_name = self.name  # a plain str: deepcopy / pickle keep it; route() reads it
         entry = LayerEntry(host_name, child_name, layer)
@@ -372,13 +378,13 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
             ValueError: a key of ``exclude`` (other than ``"deltas"``) matches nothing;
                 nothing was changed.
         """
-        module = self.backbone_model if module is None else module
+        target: nn.Module = self.backbone_model if module is None else module
         keys = normalise_exclude(self.unfrozen_modules if exclude is None else exclude)
         mapping = None
-        if module is self.backbone_model:
+        if target is self.backbone_model:
             mapping = self.structure_mapping or CommonStructureMap.load(self.backbone_model)
-        freeze(module, keys, mapping, set_state_dict)
-        if module is self.backbone_model:
+        freeze(target, keys, mapping, set_state_dict)
+        if target is self.backbone_model:
             self.lifecycle.filters_state_dict = set_state_dict
 
     # ------------------------------------------------------------------ reporting

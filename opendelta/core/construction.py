@@ -46,14 +46,15 @@ def split_legacy(keys: Sequence[str]) -> Tuple[List[str], bool]:
 def hyperparameter_signature(cls: type, base_init: Any) -> Optional[inspect.Signature]:
     """``base_init``'s signature with ``cls``'s hyperparameters as keyword arguments (for
     ``help()`` and IDEs); ``None`` for classes with their own ``__init__``."""
-    config_class = getattr(cls, "config_class", None)
+    config_class: Any = getattr(cls, "config_class", None)
     if "__init__" in cls.__dict__ or not dataclasses.is_dataclass(config_class):
         return None
     base = inspect.signature(base_init)
     params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
     fields = {f.name: f for f in dataclasses.fields(config_class)}
+    names = config_class.hyperparameter_names()
     extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=fields[n].default)
-             for n in config_class.hyperparameter_names() if n in fields]
+             for n in names if n in fields]
     return base.replace(parameters=params + extra)
 
 

@@ -127,7 +127,7 @@ def _run_pre_hooks(host: nn.Module, args, kwargs):
         if routing is not None:
             return routing.pre_hooks(host, host.__dict__[HOST_PRE], args, kwargs)
     changed = False
-    children = host._modules
+    children: Dict[str, Any] = host._modules
     # Already in run order: last added first for layers acting before the host.
     for name in host.__dict__[HOST_PRE]:
         result = children[name].pre_forward(host, args, kwargs)
@@ -142,7 +142,7 @@ def _run_post_hooks(host: nn.Module, args, kwargs, output):
         routing = ROUTING_SWITCH.current.get()
         if routing is not None:
             return routing.post_hooks(host, host.__dict__[HOST_POST], args, kwargs, output)
-    children = host._modules
+    children: Dict[str, Any] = host._modules
     for name in host.__dict__[HOST_POST]:
         output = children[name].post_forward(host, args, kwargs, output)
     return output
@@ -158,7 +158,8 @@ def refresh_hooks(host: nn.Module) -> None:
         for attr in (HOST_LAYERS, HOST_HANDLES, HOST_PRE, HOST_POST):
             host.__dict__.pop(attr, None)
         return
-    active = [(n, host._modules[n]) for n in names if not getattr(host._modules[n], "merged", False)]
+    children: Dict[str, Any] = host._modules
+    active = [(n, children[n]) for n in names if not getattr(children[n], "merged", False)]
     pre = tuple(n for n, layer in reversed(active) if layer.uses_pre_hook)
     post = tuple(n for n, layer in active if layer.uses_post_hook)
     host.__dict__[HOST_PRE], host.__dict__[HOST_POST] = pre, post
@@ -194,7 +195,7 @@ def attach_layer(host: nn.Module, name: str, layer: DeltaLayer) -> None:
     names = {id(child): n for n, child in host._modules.items() if isinstance(child, DeltaLayer)}
     names[id(layer)] = name
     layers = [child for child in attached_layers(host) if child is not layer] + [layer]
-    layers.sort(key=lambda child: child.host_slot)
+    layers.sort(key=lambda child: child.host_slot or 0)
     # Re-add delta children in run order after the host's own children.
     for child in layers:
         host._modules.pop(names[id(child)], None)
@@ -220,7 +221,8 @@ def detach_layer(host: nn.Module, layer: DeltaLayer) -> None:
 
 def attached_layers(host: nn.Module) -> Tuple[DeltaLayer, ...]:
     """The delta layers attached to ``host``, in run order."""
-    return tuple(host._modules[n] for n in host.__dict__.get(HOST_LAYERS, ()))
+    children: Dict[str, Any] = host._modules
+    return tuple(children[n] for n in host.__dict__.get(HOST_LAYERS, ()))
 
 
 def iter_delta_layers(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str, DeltaLayer]]:

@@ -31,9 +31,18 @@ from torch import nn
 from .dispatch import current_routing
 from .freezing import set_trainable_state_dict
 from .layers import DeltaLayer, LayerEntry, primary_tensor, replace_primary_tensor
+from .protocol import DeltaModelProtocol
 from .targets import candidate_modules
 
 METHODS = ("sequential", "parallel")
+
+
+def _module_name(delta: DeltaModelProtocol, module: nn.Module) -> str:
+    for name, candidate in candidate_modules(delta.backbone_model):
+        if candidate is module:
+            return name
+    raise ValueError(f"the {type(module).__name__} given is not a module of this delta's backbone "
+                     f"({type(delta.backbone_model).__name__})")
 
 
 class UserDeltaLayer(DeltaLayer):
@@ -136,7 +145,8 @@ class ReplacementLayer(UserDeltaLayer):
 class ExtensionMixin:
     """The documented extension API of :class:`~opendelta.DeltaBase`."""
 
-    def add_all_delta_to_backbone(self, backbone: nn.Module, modified_modules: Sequence[str]) -> nn.Module:
+    def add_all_delta_to_backbone(self: DeltaModelProtocol, backbone: nn.Module,
+                                  modified_modules: Sequence[str]) -> nn.Module:
         """Call :meth:`update_module` for every module of ``backbone`` that
         ``modified_modules`` matches (and no exclude key excludes); all or nothing.
 
@@ -181,15 +191,9 @@ class ExtensionMixin:
             raise ValueError(f"{type(root_module).__name__} has no submodule {key!r}")
         return parent, parts[-1], module
 
-    def _module_name(self, module: nn.Module) -> str:
-        for name, candidate in candidate_modules(self.backbone_model):
-            if candidate is module:
-                return name
-        raise ValueError(f"the {type(module).__name__} given is not a module of this delta's backbone "
-                         f"({type(self.backbone_model).__name__})")
 
-    def insert_module(self, module: nn.Module, method: str = "sequential", delta_module: Optional[nn.Module] = None,
-                      delta_name: str = "delta", strict: bool = False,
+    def insert_module(self: DeltaModelProtocol, module: nn.Module, method: str = "sequential",
+                      delta_module: Optional[nn.Module] = None, delta_name: str = "delta", strict: bool = False,
                       _delta_info: Optional[Dict[str, Any]] = None) -> LayerEntry:
         """Insert ``delta_module`` into ``module``'s computation (``method``: ``"sequential"``
         or ``"parallel"``, see the module docs) as its child ``delta_name``.
@@ -210,7 +214,7 @@ class ExtensionMixin:
         if _delta_info is not None:
             raise ValueError("_delta_info is not used by opendelta: detach() and attach() keep the "
                              "inserted modules themselves")
-        host_name = self._module_name(module)
+        host_name = _module_name(self, module)
         if strict and any(isinstance(c, DeltaLayer) for c in module._modules.values()):
             raise ValueError(f"{host_name!r} already hosts a delta (strict=True)")
         if delta_name in module._modules or delta_name in module._parameters or delta_name in module.__dict__:
@@ -219,21 +223,21 @@ class ExtensionMixin:
         layer = SequentialUserLayer(delta_module) if method == "sequential" else ParallelUserLayer(delta_module)
         return self.insert_layer(host_name, layer, delta_name)
 
-    def insert_sequential_module(self, module: nn.Module, delta_module: Optional[nn.Module] = None,
+    def insert_sequential_module(self: DeltaModelProtocol, module: nn.Module, delta_module: Optional[nn.Module] = None,
                                  delta_name: str = "delta", strict: bool = False,
                                  _delta_info: Optional[Dict[str, Any]] = None) -> LayerEntry:
         """Run ``delta_module.pre_forward`` before and/or ``delta_module.post_forward`` after
         ``module``. See :meth:`insert_module`."""
-        return self.insert_module(module, "sequential", delta_module, delta_name, strict, _delta_info)
+        return ExtensionMixin.insert_module(self, module, "sequential", delta_module, delta_name, strict, _delta_info)
 
-    def insert_parallel_module(self, module: nn.Module, delta_module: Optional[nn.Module] = None,
+    def insert_parallel_module(self: DeltaModelProtocol, module: nn.Module, delta_module: Optional[nn.Module] = None,
                                delta_name: str = "delta", strict: bool = False,
                                _delta_info: Optional[Dict[str, Any]] = None) -> LayerEntry:
         """Add ``delta_module(*args, **kwargs)`` (the arguments ``module`` got) to
         ``module``'s output. See :meth:`insert_module`."""
-        return self.insert_module(module, "parallel", delta_module, delta_name, strict, _delta_info)
+        return ExtensionMixin.insert_module(self, module, "parallel", delta_module, delta_name, strict, _delta_info)
 
-    def replace_module(self, parent_module: nn.Module, child_name: str, child_module: nn.Module,
+    def replace_module(self: DeltaModelProtocol, parent_module: nn.Module, child_name: str, child_module: nn.Module,
                        new_module: nn.Module, delta_name: str = "delta") -> LayerEntry:
         """Put ``new_module`` in ``parent_module`` in place of its child ``child_name``
         (``child_module``); ``detach()`` puts ``child_module`` back, the same object.
@@ -244,12 +248,12 @@ class ExtensionMixin:
         if parent_module._modules.get(child_name) is not child_module:
             raise ValueError(f"{child_module.__class__.__name__} is not the child {child_name!r} of the "
                              f"{type(parent_module).__name__} given")
-        parent_name = self._module_name(parent_module)
+        parent_name = _module_name(self, parent_module)
         layer = ReplacementLayer(new_module, child_module)
-        layer.replacement_name = delta_name
+        layer.__dict__["replacement_name"] = delta_name
         return self.insert_layer(parent_name, layer, child_name)
 
-    def set_active_state_dict(self, module: nn.Module) -> None:
+    def set_active_state_dict(self: DeltaModelProtocol, module: nn.Module) -> None:
         """Make ``module.state_dict()`` return only its trainable parameters (what
         ``freeze_module(set_state_dict=True)`` does)."""
         set_trainable_state_dict(module, True)

@@ -23,7 +23,7 @@ class Branch(nn.Module):
 
 def own_layer(root: nn.Module, entry: LayerEntry) -> None:
     """Register ``entry.layer`` under ``root`` at ``host_name.child_name``."""
-    node = root
+    node: Any = root
     for part in filter(None, entry.host_name.split(".")):
         child = node._modules.get(part)
         if child is None:
@@ -37,7 +37,7 @@ def own_layer(root: nn.Module, entry: LayerEntry) -> None:
 def disown_layer(root: nn.Module, entry: LayerEntry) -> None:
     """Remove ``entry.layer`` from ``root``'s tree and prune the branches left empty."""
     path = [p for p in entry.host_name.split(".") if p]
-    nodes: List[nn.Module] = [root]
+    nodes: List[Any] = [root]
     for part in path:
         nodes.append(nodes[-1]._modules[part])
     del nodes[-1]._modules[entry.child_name]

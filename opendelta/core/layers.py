@@ -110,7 +110,7 @@ def replace_primary_input(args: Tuple[Any, ...], kwargs: Dict[str, Any], tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def positional_names(cls: type) -> Tuple[str, ...]:
+def positional_names(cls: Any) -> Tuple[str, ...]:
     """Names of the parameters of ``cls.forward`` that can be passed positionally (read
     once per class)."""
     params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
@@ -128,7 +128,8 @@ def call_as_kwargs(host: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any
     """
     if not args:
         return dict(kwargs)
-    names = positional_names(type(host))
+    host_class: Any = type(host)
+    names = positional_names(host_class)
     if len(args) > len(names):
         raise TypeError(f"{type(host).__name__}.forward got {len(args)} positional arguments; "
                         f"it takes {len(names)}")

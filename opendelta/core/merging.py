@@ -31,6 +31,7 @@ from torch import nn
 
 from .dispatch import refresh_hooks
 from .freezing import set_trainable_state_dict
+from .protocol import DeltaModelProtocol
 
 #: attribute on a host module: the mergeable layers folded into it, in merge order.
 _MERGE_STACK = "_opendelta_merge_stack"
@@ -95,6 +96,30 @@ class MergeableLayer:
         refresh_hooks(host)
 
 
+def _merge_pairs(delta: DeltaModelProtocol) -> List[Tuple[str, nn.Module, Any]]:
+    """``(host name, host, layer)`` for every layer of ``delta``, in insertion order."""
+    return [(e.host_name, delta.host_module(e.host_name), e.layer) for e in delta.layer_entries()]
+
+
+def _check_not_merged_away(delta: DeltaModelProtocol) -> None:
+    if delta.lifecycle.merged_away:
+        raise RuntimeError(f"{type(delta).__name__} {delta.name!r} was merged into the backbone "
+                           "by merge_and_detach(); it has no layers left")
+
+
+def _check_mergeable(delta: DeltaModelProtocol, create_missing: bool = False) -> None:
+    _check_not_merged_away(delta)
+    for host_name, host, layer in _merge_pairs(delta):
+        if not isinstance(layer, MergeableLayer):
+            raise TypeError(
+                f"{type(delta).__name__} cannot be merged: its {type(layer).__name__} on "
+                f"{host_name!r} is not a linear re-parameterisation of the module "
+                "(only LoRA and BitFit deltas merge); keep it unmerged or detach it")
+        problem = layer.merge_problem(host, create_missing)
+        if problem:
+            raise ValueError(f"cannot merge {delta.name!r} into {host_name!r}: {problem}")
+
+
 class MergeMixin:
     """``merge`` / ``unmerge`` / ``merge_and_detach`` for :class:`opendelta.DeltaBase`.
 
@@ -103,36 +128,14 @@ class MergeMixin:
     ``name`` and ``backbone_model``; the merge state of each layer is on the layer.
     """
 
-    # ----------------------------------------------------------------- helpers
-    def _merge_pairs(self) -> List[Tuple[str, nn.Module, Any]]:
-        """``(host name, host, layer)`` for every layer of this delta, in insertion order."""
-        return [(e.host_name, self.host_module(e.host_name), e.layer) for e in self.layer_entries()]
-
-    def _check_not_merged_away(self) -> None:
-        if self.lifecycle.merged_away:
-            raise RuntimeError(f"{type(self).__name__} {self.name!r} was merged into the backbone "
-                               "by merge_and_detach(); it has no layers left")
-
-    def _check_mergeable(self, create_missing: bool = False) -> None:
-        self._check_not_merged_away()
-        for host_name, host, layer in self._merge_pairs():
-            if not isinstance(layer, MergeableLayer):
-                raise TypeError(
-                    f"{type(self).__name__} cannot be merged: its {type(layer).__name__} on "
-                    f"{host_name!r} is not a linear re-parameterisation of the module "
-                    "(only LoRA and BitFit deltas merge); keep it unmerged or detach it")
-            problem = layer.merge_problem(host, create_missing)
-            if problem:
-                raise ValueError(f"cannot merge {self.name!r} into {host_name!r}: {problem}")
-
     @property
-    def is_merged(self) -> bool:
+    def is_merged(self: DeltaModelProtocol) -> bool:
         """True when this delta's layers are folded into the backbone's weights."""
         entries = self.layer_entries()
         return bool(entries) and all(getattr(e.layer, "merged", False) for e in entries)
 
     # ----------------------------------------------------------------- public API
-    def merge(self, keep_copy: bool = False, safe: bool = False) -> None:
+    def merge(self: DeltaModelProtocol, keep_copy: bool = False, safe: bool = False) -> None:
         """Fold this delta into the backbone's weights; its hooks stop running.
 
         Args:
@@ -150,8 +153,8 @@ class MergeMixin:
         """
         if not self.lifecycle.attached:
             raise RuntimeError(f"{self.name!r} is detached; attach() it before merge()")
-        self._check_mergeable()
-        pending = [(n, h, l) for n, h, l in self._merge_pairs() if not l.merged]
+        _check_mergeable(self)
+        pending = [(n, h, l) for n, h, l in _merge_pairs(self) if not l.merged]
         plans = [(h, l, l.merge_updates(h)) for _, h, l in pending]
         if safe:
             with torch.no_grad():
@@ -163,7 +166,7 @@ class MergeMixin:
             layer.merge(host, keep_copy=keep_copy, updates=updates)
         self.lifecycle.merge_keep_copy = keep_copy
 
-    def unmerge(self) -> None:
+    def unmerge(self: DeltaModelProtocol) -> None:
         """Take a merged delta out of the backbone's weights; its hooks run again.
 
         Restores the weights exactly when merged with ``keep_copy=True`` (and nothing
@@ -171,11 +174,11 @@ class MergeMixin:
         Unmerging a delta that is not merged does nothing.
         """
         # Reverse order: the last merged comes out first, so copies stay valid.
-        for _, host, layer in reversed(self._merge_pairs()):
+        for _, host, layer in reversed(_merge_pairs(self)):
             if getattr(layer, "merged", False):
                 layer.unmerge(host)
 
-    def merge_and_detach(self) -> nn.Module:
+    def merge_and_detach(self: DeltaModelProtocol) -> nn.Module:
         """Merge this delta for good and remove every trace of it; returns the backbone.
 
         Afterwards the backbone is a plain model: no delta children, no hooks of this delta,
@@ -185,8 +188,8 @@ class MergeMixin:
         """
         if not self.lifecycle.attached:
             raise RuntimeError(f"{self.name!r} is detached; attach() it before merge_and_detach()")
-        self._check_mergeable(create_missing=True)
-        for _, host, layer in self._merge_pairs():
+        _check_mergeable(self, create_missing=True)
+        for _, host, layer in _merge_pairs(self):
             if not layer.merged:
                 layer.merge(host, updates=layer.merge_updates(host, create_missing=True))
         for entry in reversed(self.layer_entries()):
@@ -196,7 +199,8 @@ class MergeMixin:
                 stack[:] = [l for l in stack if l is not entry.layer]
                 if not stack:
                     del host.__dict__[_MERGE_STACK]
-            entry.layer._merge_backup = None
+            if isinstance(entry.layer, MergeableLayer):
+                entry.layer._merge_backup = None
             self.remove_layer(entry)
         if self.lifecycle.filters_state_dict:
             set_trainable_state_dict(self.backbone_model, False)
@@ -206,19 +210,19 @@ class MergeMixin:
         return self.backbone_model
 
     # ----------------------------------------------------------------- detach / attach
-    def _prepare_detach(self) -> None:
+    def _prepare_detach(self: DeltaModelProtocol) -> None:
         """Called by ``detach()``: a merged delta is unmerged first (see module docs)."""
         if self.is_merged:
             self.unmerge()
             self.lifecycle.remerge_on_attach = True
 
-    def _check_reattachable(self) -> None:
+    def _check_reattachable(self: DeltaModelProtocol) -> None:
         """Called by ``attach()`` before anything is attached."""
         if self.lifecycle.merged_away:
             raise RuntimeError(f"{type(self).__name__} {self.name!r} was merged into the backbone "
                                "by merge_and_detach() and cannot be attached again")
 
-    def _finish_attach(self) -> None:
+    def _finish_attach(self: DeltaModelProtocol) -> None:
         """Called at the end of ``attach()``: re-merge what ``detach()`` unmerged."""
         if self.lifecycle.remerge_on_attach:
             self.lifecycle.remerge_on_attach = False

@@ -1,7 +1,7 @@
 """The one registry of delta methods, keyed by ``delta_type``."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Type
+from typing import TYPE_CHECKING, Dict, List, Sequence, Type
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import DeltaBase
@@ -15,7 +15,7 @@ def _normalise(name: str) -> str:
     return name.lower().replace("-", "_")
 
 
-def register_delta(cls: "Type[DeltaBase]", aliases: List[str] = ()) -> "Type[DeltaBase]":
+def register_delta(cls: "Type[DeltaBase]", aliases: Sequence[str] = ()) -> "Type[DeltaBase]":
     """Register a :class:`DeltaBase` subclass under its ``delta_type`` (class decorator)."""
     key = _normalise(cls.delta_type)
     if not key:
@@ -28,7 +28,7 @@ def register_delta(cls: "Type[DeltaBase]", aliases: List[str] = ()) -> "Type[Del
     return cls
 
 
-def registered(aliases: List[str] = ()):
+def registered(aliases: Sequence[str] = ()):
     """Decorator form of :func:`register_delta` with extra spellings."""
     def decorate(cls):
         return register_delta(cls, aliases)
