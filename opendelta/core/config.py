@@ -122,8 +122,9 @@ class BaseDeltaConfig:
         extra.update(merged.get("extra") or {})
         built = cls._construct(values, extra)
         if delta_type and not cls.delta_type:
-            # A config class that does not name its method remembers what it describes.
-            built.delta_type = delta_type
+            # A config class that does not name its method (a user's, written the manual's
+            # way) remembers, per instance, which method it describes.
+            built.delta_type = delta_type  # type: ignore[misc]  # ClassVar, overridden per instance
         return built
 
     @classmethod
@@ -159,7 +160,7 @@ class BaseDeltaConfig:
     def __eq__(self, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return _compared(self) == _compared(other)  # type: ignore[arg-type]
+        return _compared(self) == _compared(other)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.field_names() if hasattr(self, n))
@@ -235,8 +236,9 @@ class BaseDeltaConfig:
         data = read_config_json(path)
         stored = data.get("delta_type")
         if cls.delta_type and stored and _normal(stored) != _normal(cls.delta_type):
+            source = os.fspath(finetuned_delta_path)
             raise ValueError(f"{path} describes a {stored!r} delta, not a {cls.delta_type!r} one; "
-                             f"load it with opendelta.AutoDeltaConfig.from_finetuned({os.fspath(finetuned_delta_path)!r})")
+                             f"load it with opendelta.AutoDeltaConfig.from_finetuned({source!r})")
         config = cls.from_dict(data, **{k: v for k, v in kwargs.items() if k in known})
         return (config, unused) if return_unused_kwargs else config
 

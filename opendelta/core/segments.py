@@ -44,7 +44,7 @@ def substring_in_regex(str_a: str, list_b: Iterable[Key]) -> bool:
 def substring_in(str_a: str, list_b: Sequence[Key]) -> bool:
     """:func:`substring_in_normal` for plain keys and :func:`substring_in_regex` for
     ``[r]`` keys and compiled patterns of a mixed ``list_b``."""
-    plain = [b for b in list_b if not is_regex_key(b)]
+    plain = [b for b in list_b if isinstance(b, str) and not is_regex_key(b)]
     regex = [b for b in list_b if is_regex_key(b)]
     return substring_in_normal(str_a, plain) or substring_in_regex(str_a, regex)
 

@@ -74,6 +74,7 @@ class CommonStructureMap:
     """
 
     def __init__(self, backbone_model: nn.Module | str, mapping: Optional[StructureMap] = None):
+        self.model_type: Optional[str]
         if mapping is None:
             model_type = backbone_model if isinstance(backbone_model, str) else model_type_of(backbone_model)
             if model_type not in COMMON_STRUCTURES:

@@ -102,11 +102,11 @@ class CommonTreeBuilder:
             return
         if self.only_common:
             return
-        node = raw_tree(module, self._relative(full_name, anchor_full), in_delta,
+        grey = raw_tree(module, self._relative(full_name, anchor_full), in_delta,
                         self.keep_non_params, skip_deltas=False)
-        if node is not None:
-            mark_not_common(node)
-            anchor.children.append(node)
+        if grey is not None:
+            mark_not_common(grey)
+            anchor.children.append(grey)
 
     @staticmethod
     def _relative(full_name: str, anchor_full: str) -> str:
