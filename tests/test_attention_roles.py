@@ -117,23 +117,18 @@ def _replacing_hook(module, args, kwargs):
 
 
 def _calls(cls):
-    """Every way of calling ``cls``: by keyword, by position, with and without mask/cache."""
-    (hidden, _), (mask, _), (cache, _) = EXPECTED[cls]
-    named = {hidden: HIDDEN, mask: "old mask", cache: "old cache"}
-    calls = [((), named), ((), {hidden: HIDDEN})]
-    if cls not in (KeywordOnly,):
-        order = [p for p in ("hidden", "mask", "cache")]
-        positions = dict(zip(order, (p for _, p in EXPECTED[cls])))
-        values = {"hidden": HIDDEN, "mask": "old mask", "cache": "old cache"}
-        width = max(positions.values()) + 1
-        args = [None] * width
-        for role, position in positions.items():
-            args[position] = values[role]
+    """Every way of calling ``cls``: all by keyword, hidden states only, and (where the
+    signature allows) all by position and hidden states alone by position."""
+    (hidden, hidden_at), (mask, mask_at), (cache, cache_at) = EXPECTED[cls]
+    calls = [((), {hidden: HIDDEN, mask: "old mask", cache: "old cache"}), ((), {hidden: HIDDEN})]
+    if None not in (hidden_at, mask_at, cache_at):
+        args = [None] * (max(hidden_at, mask_at, cache_at) + 1)  # other parameters: None
+        args[hidden_at], args[mask_at], args[cache_at] = HIDDEN, "old mask", "old cache"
         calls.append((tuple(args), {}))
-        if positions["hidden"] == 0:  # hidden positional, the rest left to their defaults
-            calls.append(((HIDDEN,), {}))
-    if cls is PositionalOnly:
-        calls = [c for c in calls if not c[1]]
+    if hidden_at == 0:  # the rest left to their defaults
+        calls.append(((HIDDEN,), {}))
+    if cls is PositionalOnly:  # cannot be called by keyword
+        calls = [call for call in calls if not call[1]]
     return calls
 
 
@@ -212,3 +207,25 @@ def test_prefix_model_refuses_an_unmappable_attention():
         PrefixModel(model, modified_modules=["self_attn"])
     assert not model.self_attn._forward_pre_hooks
     assert not any("prefix" in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "gpt2", "opt", "t5", "bart", "llama", "qwen2",
+                                  "mistral"])
+def test_installed_transformers_attention_classes_are_mapped(arch):
+    """Every attention class prefix tuning supports maps on the installed release. At the
+    ends of the tested range the spellings are known: 5.24 passes ``cache`` and no
+    ``cache_position``, 5.0 ``past_key_values`` and ``cache_position`` (DistilBERT: none)."""
+    import tiny_models as tm
+    from opendelta.integrations.transformers.attention import ATTENTION_KINDS
+
+    spellings = {"5.24.0": ("cache", False), "5.0.0": ("past_key_values", True)}.get(_installed())
+    classes = {type(m) for m in tm.build(arch, "lm").modules() if type(m).__name__ in ATTENTION_KINDS}
+    assert classes
+    for cls in classes:
+        needs_cache = ATTENTION_KINDS[cls.__name__].placeholder is None
+        roles = attention_roles(cls, needs_cache=needs_cache)
+        assert roles.hidden.name == "hidden_states" and roles.hidden.position == 0
+        assert roles.mask.name in ("attention_mask", "mask")
+        if needs_cache and spellings is not None:
+            assert roles.cache.name == spellings[0]
+            assert (roles.cache_position is not None) == spellings[1]

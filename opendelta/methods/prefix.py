@@ -210,9 +210,10 @@ class PrefixLayer(DeltaLayer):
             key_length = past + query_length
             # transformers < 5.24 also place queries by cache_position (T5's position bias):
             # through the view they sit P positions further (the view shifts it back for the cache).
-            position = roles.cache_position.get(call_args, call_kwargs) if roles.cache_position else None
-            if isinstance(position, torch.Tensor):
-                roles.cache_position.set(call_args, call_kwargs, position + num)
+            cache_position = roles.cache_position
+            position = cache_position.get(call_args, call_kwargs) if cache_position is not None else None
+            if cache_position is not None and isinstance(position, torch.Tensor):
+                cache_position.set(call_args, call_kwargs, position + num)
         causal = is_causal(inner) and not cross
         new_mask = extend_mask(mask, num, causal, query_length, key_length, past, mask_dtype, hidden.device)
         built = mask is None and new_mask is not None

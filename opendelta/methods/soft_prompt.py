@@ -155,9 +155,9 @@ class SoftPromptLayer(DeltaLayer):
         # Positions the caller counted without the prompt: position_ids and (transformers
         # < 5.24, where the masks are sized by it) cache_position.
         for role in ("position_ids", "cache_position"):
-            key = passed_key(type(host), role, kwargs)
-            if key is not None and isinstance(kwargs[key], torch.Tensor):
-                kwargs[key] = _shift_positions(kwargs[key], n, first_step)
+            position_key = passed_key(type(host), role, kwargs)
+            if position_key is not None and isinstance(kwargs[position_key], torch.Tensor):
+                kwargs[position_key] = _shift_positions(kwargs[position_key], n, first_step)
         labels = kwargs.get("labels")
         if (first_step and isinstance(labels, torch.Tensor) and labels.dim() == 2
                 and not labels.is_floating_point() and labels.shape[1] == full_length):
@@ -262,8 +262,3 @@ class SoftPromptModel(DeltaBase):
             return torch.empty(n, weight.shape[1], device=weight.device,
                                dtype=weight.dtype).uniform_(-cfg.init_range, cfg.init_range)
 
-
-# The dataclass default of other_expand_ids is a factory; show its value in help().
-SoftPromptModel.__signature__ = SoftPromptModel.__signature__.replace(parameters=[
-    p.replace(default=default_expand_ids()) if p.name == "other_expand_ids" else p
-    for p in SoftPromptModel.__signature__.parameters.values()])

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .roles import Argument, cache_length, find_argument, require_argument
+from .roles import Argument, find_argument, require_argument
 
 
 # --------------------------------------------------------------------------- supported classes

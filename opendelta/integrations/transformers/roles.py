@@ -22,6 +22,7 @@ import inspect
 import re
 from dataclasses import dataclass
 from importlib import metadata
+from operator import attrgetter
 from typing import Any, Dict, List, Optional, Tuple
 
 #: transformers releases the integrations are tested with (oldest, newest).
@@ -37,6 +38,7 @@ SPELLINGS: Dict[str, Tuple[str, ...]] = {
     # the states cross-attention reads its keys and values from
     "cross": ("key_value_states", "encoder_hidden_states"),
 }
+_forward = attrgetter("forward")  # of a class: the plain function, its signature with self
 _CACHE_ANNOTATION = re.compile(r"\b\w*Cache\b")
 #: how a role is recognised besides its spellings (for error messages)
 _OTHER_CLUES = {"cache": ", or a parameter annotated with a Cache class",
@@ -61,7 +63,7 @@ class UnsupportedSignatureError(NotImplementedError):
     def __init__(self, cls: type, role: str, user: str, detail: str = ""):
         self.cls, self.role = cls, role
         try:
-            signature = str(inspect.signature(cls.forward))
+            signature = str(inspect.signature(_forward(cls)))
         except (TypeError, ValueError):
             signature = "(...)"
         looked_for = ", ".join(SPELLINGS.get(role, ()))
@@ -125,7 +127,7 @@ class Argument:
 
 @functools.lru_cache(maxsize=None)
 def _parameters(cls: type) -> Tuple[inspect.Parameter, ...]:
-    parameters = tuple(inspect.signature(cls.forward).parameters.values())
+    parameters = tuple(inspect.signature(_forward(cls)).parameters.values())
     return parameters[1:] if parameters and parameters[0].name == "self" else parameters
 
 
