@@ -248,17 +248,19 @@ class SoftPromptModel(DeltaBase):
             self.insert_layer("", SoftPromptMaskLayer(layer.num_tokens), f"{self.layer_attr}_mask")
 
     def _initial_embeds(self, embedding: nn.Module) -> torch.Tensor:
-        """``[n, hidden]`` start values, on the embedding's device and dtype."""
+        """``[n, hidden]`` start values, on the embedding's device, in ``delta_dtype`` if
+        given, else the embedding's dtype (the prompt is cast to the embeddings' dtype when
+        it is prepended)."""
         cfg, n = self.config, self.config.soft_token_num
         weight = getattr(embedding, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"SoftPrompt cannot read the size of the input embedding "
                              f"{type(embedding).__name__} (no 2-D weight)")
+        dtype = self.delta_dtype or weight.dtype
         with torch.no_grad():
             if cfg.token_init:
                 ids = torch.arange(n, device=weight.device) % weight.shape[0]
                 # Through the module, so scaled embeddings (BART's) start at the scale they are used at.
-                return embedding(ids).detach().clone()
+                return embedding(ids).detach().to(dtype, copy=True)
             return torch.empty(n, weight.shape[1], device=weight.device,
-                               dtype=weight.dtype).uniform_(-cfg.init_range, cfg.init_range)
-
+                               dtype=dtype).uniform_(-cfg.init_range, cfg.init_range)
