@@ -452,10 +452,28 @@ def test_save_finetuned_argument_errors(tmp_path):
     _, delta = tuned("bert", "lora")
     with pytest.raises(ValueError, match="repo_id"):
         delta.save_finetuned(tmp_path / "x", push_to_hub=True)
-    with pytest.raises(TypeError, match="unexpected argument"):
-        delta.save_finetuned(tmp_path / "x", save_function=torch.save)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        delta.save_finetuned(tmp_path / "x", bogus=1)
+    with pytest.raises(TypeError, match="save_function must be callable"):
+        delta.save_finetuned(tmp_path / "x", save_function="torch.save")
     open(tmp_path / "file", "w").write("")
     with pytest.raises(CheckpointError, match="is a file"):
         delta.save_finetuned(tmp_path / "file")
-    with pytest.warns(UserWarning, match="DeltaCenter"):
+    with pytest.raises(ValueError, match="DeltaCenter no longer exists.*push_to_hub=True"):
         delta.save_finetuned(tmp_path / "y", push_to_dc=True)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_save_function_writes_the_original_format(tmp_path):
+    """save_function=torch.save (the original's default) writes pytorch_model.bin, which loads."""
+    model, delta = tuned("bert", "lora")
+    inputs = tm.example_inputs("bert")
+    expected = outputs(model, inputs)
+    path = delta.save_finetuned(tmp_path / "ckpt", save_function=torch.save)
+    assert sorted(os.listdir(path)) == ["config.json", "pytorch_model.bin"]
+    fresh = tm.build("bert", "lm")
+    AutoDeltaModel.from_finetuned(path, fresh)
+    assert torch.equal(outputs(fresh, inputs), expected)
+    assert delta.create_default_name(model_path_public_name="bert-base", dataset="sst2") == "bert-base_lora_sst2"
+    args = delta.create_delta_center_args({"train_tasks": "sst2"}, {"dataset_name": "glue", "train_tasks": "x"})
+    assert args["train_tasks"] == "sst2" and args["train_datasets"] == "glue" and args["delta_type"] == "lora"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Iterable, List, Sequence, Union
+from typing import Dict, Iterable, List, Sequence, Union
 
 Key = Union[str, "re.Pattern[str]"]
 
@@ -72,7 +72,7 @@ def strip_regex_marker(key: str) -> str:
 
 def endswith_in(str_a: str, list_b: Sequence[Key]) -> bool:
     """Match ``str_a`` against a mixed list of plain and ``[r]`` keys."""
-    plain = [b for b in list_b if not is_regex_key(b)]
+    plain = [b for b in list_b if isinstance(b, str) and not is_regex_key(b)]
     regex = [b for b in list_b if is_regex_key(b)]
     return endswith_in_normal(str_a, plain) or endswith_in_regex(str_a, regex)
 
@@ -93,7 +93,7 @@ def closest_names(key: str, names: Sequence[str], limit: int = 5) -> List[str]:
 
     key = strip_regex_marker(key)
     # Compare against the tails of the names too, since users write suffixes.
-    tails = {}
+    tails: Dict[str, str] = {}
     for name in names:
         parts = name.split(".")
         for i in range(len(parts)):

@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Union
 from torch import nn
 
 from .base import DeltaBase
-from .config import BaseDeltaConfig
+from .config import BaseDeltaConfig, read_config_json
 from .registry import get_delta_class
 from ..io.files import read_config_file
 from ..io.hub import resolve_checkpoint_dir
@@ -34,7 +34,7 @@ class AutoDeltaConfig:
         return delta_class.config_class.from_dict(config_dict, **overrides)
 
     @classmethod
-    def from_finetuned(cls, finetuned_delta_path: Union[str, "os.PathLike[str]"],
+    def from_finetuned(cls, finetuned_model_name_or_path: Union[str, "os.PathLike[str]"],
                        cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
                        local_files_only: bool = False, force_download: bool = False,
                        revision: Optional[str] = None, token: Optional[Union[str, bool]] = None,
@@ -47,7 +47,10 @@ class AutoDeltaConfig:
             CheckpointError: no such directory or repo, missing or invalid ``config.json``,
                 unknown ``delta_type`` (the message names the file).
         """
-        directory = resolve_checkpoint_dir(finetuned_delta_path, cache_dir=cache_dir,
+        if os.path.isfile(os.fspath(finetuned_model_name_or_path)):  # the JSON file itself
+            source = os.fspath(finetuned_model_name_or_path)
+            return build_config(cls, {**read_config_json(source), **overrides}, source)
+        directory = resolve_checkpoint_dir(finetuned_model_name_or_path, cache_dir=cache_dir,
                                            local_files_only=local_files_only,
                                            force_download=force_download, revision=revision, token=token)
         config_dict = {**read_config_file(directory), **overrides}
@@ -74,7 +77,7 @@ class AutoDeltaModel:
         return delta_class.from_config(config, backbone_model, **overrides)
 
     @classmethod
-    def from_finetuned(cls, finetuned_delta_path: Union[str, "os.PathLike[str]"], backbone_model: nn.Module,
+    def from_finetuned(cls, finetuned_model_name_or_path: Union[str, "os.PathLike[str]"], backbone_model: nn.Module,
                        delta_config: Optional[Union[BaseDeltaConfig, Dict[str, Any]]] = None,
                        cache_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
                        state_dict: Optional[Dict[str, Any]] = None, *, check_hash: bool = True,
@@ -83,7 +86,7 @@ class AutoDeltaModel:
                        token: Optional[Union[str, bool]] = None, **overrides: Any) -> DeltaBase:
         """Load a saved delta of any registered type onto ``backbone_model``.
 
-        ``finetuned_delta_path`` is a checkpoint directory (ours, one written by OpenDelta
+        ``finetuned_model_name_or_path`` is a checkpoint directory (ours, one written by OpenDelta
         0.3.x, or a PEFT LoRA adapter) or a Hugging Face Hub repo id. The backbone is put
         in eval mode. See :meth:`opendelta.io.checkpoint.SaveLoadMixin.from_finetuned`
         for every argument.
@@ -93,6 +96,6 @@ class AutoDeltaModel:
                 does not fit the backbone; the backbone is unchanged after a failure.
         """
         return DeltaBase.from_finetuned(
-            finetuned_delta_path, backbone_model, delta_config, cache_dir, state_dict,
+            finetuned_model_name_or_path, backbone_model, delta_config, cache_dir, state_dict,
             check_hash=check_hash, strict_hash=strict_hash, local_files_only=local_files_only,
             force_download=force_download, revision=revision, token=token, **overrides)

@@ -22,8 +22,7 @@ from torch import nn
 
 from .config import BaseDeltaConfig
 from .addressing import endswith_in
-from .construction import (SUPPORTED_BACKENDS, build_from_config, check_arguments, hyperparameter_signature,
-                           split_legacy)
+from .construction import SUPPORTED_BACKENDS, build_from_config, check_arguments, hyperparameter_init, split_legacy
 from .dispatch import attach_layer, detach_layer
 from .extension import ExtensionMixin
 from .freezing import DELTAS, freeze, normalise_exclude, set_trainable_state_dict
@@ -32,7 +31,7 @@ from .layers import DeltaLayer, DeltaLifecycle, LayerEntry
 from .merging import MergeMixin
 from .shapes import Sizes, probe_sizes, static_sizes
 from .structure import CommonStructureMap
-from .targets import check_keys, free_child_name, resolve
+from .targets import backbone_module, candidate_modules, check_keys, free_child_name, resolve
 from ..io.checkpoint import SaveLoadMixin
 
 
@@ -93,9 +92,8 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
     def __init__(self, backbone_model: nn.Module, modified_modules: Optional[Sequence[str]] = None,
                  exclude_modules: Optional[Sequence[str]] = None,
                  unfrozen_modules: Optional[Sequence[str]] = None,
-                 common_structure: Optional[bool] = None,
-                 interactive_modify: Union[bool, int] = False, backend: str = "hf",
-                 name: Optional[str] = None, config: Optional[BaseDeltaConfig] = None,
+                 interactive_modify: Union[bool, int] = False, common_structure: Optional[bool] = None,
+                 backend: str = "hf", *, name: Optional[str] = None, config: Optional[BaseDeltaConfig] = None,
                  delta_dtype: Optional[torch.dtype] = None, **hyperparameters: Any):
         super().__init__()
         check_arguments(type(self), backbone_model, backend, hyperparameters, delta_dtype, name)
@@ -140,6 +138,8 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
             backbone_class=type(backbone_model).__name__,
             backbone_checkpoint_name=getattr(getattr(backbone_model, "config", None), "_name_or_path", None)
             or config.backbone_checkpoint_name)
+        if not self.config.delta_type and self.delta_type:  # a user's config class names no method
+            object.__setattr__(self.config, "delta_type", self.delta_type)  # shadows the ClassVar
         self._target_keys = keys
         self.structure_mapping = self._structure_map() if common_structure else None
         self.layer_attr = free_child_name(backbone_model, self.layer_name)
@@ -151,9 +151,9 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
     # ------------------------------------------------------------------ configuration
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        signature = hyperparameter_signature(cls, DeltaBase.__init__)
-        if signature is not None:  # show the method's hyperparameters in help() and IDEs
-            cls.__signature__ = signature  # type: ignore[attr-defined]
+        init = hyperparameter_init(cls, DeltaBase.__init__)
+        if init is not None:  # built-in methods: the original's signature, hyperparameters first
+            cls.__init__ = init  # type: ignore[method-assign]
 
     @classmethod
     def builds_in_init(cls) -> bool:
@@ -238,7 +238,7 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
     # ------------------------------------------------------------------ building
     def add_all_deltas(self, targets: Sequence[str]) -> None:
         """Insert this method's layers for every target (default: :meth:`add_delta` each)."""
-        modules = dict(self.backbone_model.named_modules())
+        modules = dict(candidate_modules(self.backbone_model))
         for name in targets:
             self.add_delta(name, modules[name])
 
@@ -250,7 +250,7 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
     def insert_layer(self, host_name: str, layer: DeltaLayer, child_name: Optional[str] = None) -> LayerEntry:
         """Register ``layer`` on the module called ``host_name`` (``""``: the backbone),
         hook it in, and make it part of this delta model."""
-        host: nn.Module = self.backbone_model.get_submodule(host_name) if host_name else self.backbone_model
+        host = backbone_module(self.backbone_model, host_name)
         child_name = child_name or self.layer_attr
         layer.delta_name = self.name  # a plain str: deepcopy / pickle keep it; route() reads it
         entry = LayerEntry(host_name, child_name, layer)

@@ -43,19 +43,54 @@ def split_legacy(keys: Sequence[str]) -> Tuple[List[str], bool]:
     return stripped, any("@" in k for k in keys)
 
 
-def hyperparameter_signature(cls: type, base_init: Any) -> Optional[inspect.Signature]:
-    """``base_init``'s signature with ``cls``'s hyperparameters as keyword arguments (for
-    ``help()`` and IDEs); ``None`` for classes with their own ``__init__``."""
+#: the arguments every built-in method takes after its hyperparameters, in the original's order
+BASE_ARGUMENTS = ("modified_modules", "exclude_modules", "unfrozen_modules", "common_structure",
+                  "interactive_modify", "backend")
+
+
+def hyperparameter_init(cls: type, base_init: Any) -> Optional[Any]:
+    """An ``__init__`` for a built-in method ``cls`` (a dataclass config, no ``__init__`` of
+    its own) whose signature is the original library's: ``(backbone_model, <hyperparameters
+    in config order>, modified_modules, exclude_modules, unfrozen_modules, common_structure,
+    interactive_modify, backend, *, name, config, delta_dtype)``, so that ``help()`` shows
+    the hyperparameters and ``LoraModel(model, 16)`` sets ``lora_r`` as it did there.
+    ``None`` for classes with their own ``__init__``."""
     config_class: Any = getattr(cls, "config_class", None)
-    if "__init__" in cls.__dict__ or not dataclasses.is_dataclass(config_class):
+    inherited = getattr(cls, "__init__", None)
+    # A hand-written __init__ (here or in a parent below DeltaBase) is the method's own.
+    if "__init__" in cls.__dict__ or not (inherited is base_init or getattr(inherited, "_opendelta_generated", False)):
         return None
-    base = inspect.signature(base_init)
-    params = [p for p in base.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    if not dataclasses.is_dataclass(config_class):
+        return None
+    base = inspect.signature(base_init).parameters
     fields = {f.name: f for f in dataclasses.fields(config_class)}
-    names = config_class.hyperparameter_names()
-    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=fields[n].default)
-             for n in names if n in fields]
-    return base.replace(parameters=params + extra)
+    names = [n for n in config_class.hyperparameter_names() if n in fields]  # type: ignore[union-attr]
+    kind = inspect.Parameter
+    params = [base["self"], base["backbone_model"]]
+    for n in names:
+        f = fields[n]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else kind.empty)
+        params.append(kind(n, kind.POSITIONAL_OR_KEYWORD, default=default))
+    params += [base[n].replace(kind=kind.POSITIONAL_OR_KEYWORD) for n in BASE_ARGUMENTS]
+    params += [base[n].replace(kind=kind.KEYWORD_ONLY) for n in base
+               if n not in ("self", "backbone_model", *BASE_ARGUMENTS) and base[n].kind is not kind.VAR_KEYWORD]
+    signature = inspect.Signature(params)
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{type(self).__name__}{str(signature).replace('(self, ', '(', 1)}: {err}") from None
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        base_init(self, **arguments)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__doc__ = base_init.__doc__
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__._opendelta_generated = True  # type: ignore[attr-defined]
+    return __init__
 
 
 def build_from_config(cls: Any, config: Any, backbone_model: nn.Module, kwargs: Dict[str, Any]) -> Any:
@@ -68,7 +103,8 @@ def build_from_config(cls: Any, config: Any, backbone_model: nn.Module, kwargs: 
     fields = set(config.field_names())
     config = config.copy(**{k: v for k, v in kwargs.items() if k in fields})
     rest = {k: v for k, v in kwargs.items() if k not in fields}
-    if cls.builds_in_init() or "__init__" not in vars(cls):
+    init = vars(cls).get("__init__")
+    if cls.builds_in_init() or init is None or getattr(init, "_opendelta_generated", False):
         return cls(backbone_model, modified_modules=config.modified_modules,
                    exclude_modules=config.exclude_modules, unfrozen_modules=config.unfrozen_modules,
                    common_structure=config.common_structure, config=config, **rest)

@@ -155,6 +155,11 @@ class ExtensionMixin:
         """
         if backbone is not self.backbone_model:
             raise ValueError("add_all_delta_to_backbone must be given this delta's backbone_model")
+        # The manual's pattern keeps the hyperparameters as attributes named like the config's
+        # fields (``self.rank = rank``): they are what this delta is built with.
+        stored = {n: self.__dict__[n] for n in type(self.config).hyperparameter_names() if n in self.__dict__}
+        if stored:
+            self.config = self.config.copy(**stored)
         targets = self.resolve_targets(list(modified_modules), uses_defaults=self.config.modified_modules is None)
         with self.transaction():
             for key in targets:

@@ -43,7 +43,8 @@ def leaf_sizes(module: nn.Module) -> Optional[Sizes]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if is_conv1d_transposed(module):
-        return module.weight.shape[0], module.weight.shape[1]
+        weight: Any = module.weight
+        return int(weight.shape[0]), int(weight.shape[1])
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -51,9 +52,9 @@ def leaf_sizes(module: nn.Module) -> Optional[Sizes]:
     if isinstance(module, nn.LayerNorm) and module.normalized_shape:
         return module.normalized_shape[-1], module.normalized_shape[-1]
     if is_norm(module):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-            return weight.shape[0], weight.shape[0]
+        norm_weight = getattr(module, "weight", None)
+        if isinstance(norm_weight, torch.Tensor) and norm_weight.dim() == 1:
+            return norm_weight.shape[0], norm_weight.shape[0]
         num = getattr(module, "num_features", None) or getattr(module, "num_channels", None)
         if num:
             return num, num

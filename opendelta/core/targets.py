@@ -40,16 +40,43 @@ def check_keys(keys: Sequence[str], field: str) -> List[str]:
     return out
 
 
+def _backbone_child(child: Optional[nn.Module]) -> Optional[nn.Module]:
+    """The backbone module behind a child: itself, the module a replacement stands in for,
+    or ``None`` for other delta layers."""
+    if isinstance(child, DeltaLayer):
+        return child.__dict__.get("original") if child.replaces_child else None
+    return child
+
+
 def candidate_modules(backbone: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
     """Named modules of ``backbone`` in registration order, without delta layers and what
-    is inside them."""
+    is inside them; a replaced module (``replace_module``) is seen as the original, under
+    its own name: addressing sees the backbone as if no delta were there."""
     stack: List[Tuple[str, nn.Module]] = [("", backbone)]
     while stack:
         name, module = stack.pop()
         yield name, module
-        children = [(f"{name}.{n}" if name else n, c) for n, c in module._modules.items()
-                    if c is not None and not isinstance(c, DeltaLayer)]
+        children = []
+        for n, child in module._modules.items():
+            own = _backbone_child(child)
+            if own is not None:
+                children.append((f"{name}.{n}" if name else n, own))
         stack.extend(reversed(children))
+
+
+def backbone_module(backbone: nn.Module, name: str) -> nn.Module:
+    """The backbone module called ``name`` as :func:`candidate_modules` names it.
+
+    Raises:
+        ValueError: no such module.
+    """
+    module = backbone
+    for part in filter(None, name.split(".")):
+        child = _backbone_child(module._modules.get(part))
+        if child is None:
+            raise ValueError(f"{type(backbone).__name__} has no module {name!r}")
+        module = child
+    return module
 
 
 def is_excluded(name: str, common: Optional[str], excludes: Sequence[str]) -> bool:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 import torch
@@ -40,7 +39,8 @@ from torch import nn
 from ..core.config import BaseDeltaConfig
 from ..core.dispatch import is_delta_parameter_name
 from ..core.freezing import covering_modules
-from .files import (CONFIG_NAME, PEFT_CONFIG_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
+from .delta_center import create_default_name, create_delta_center_args
+from .files import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
                     CheckpointError, PathLike, _short_list, library_versions, read_config_file,
                     read_weights, weights_file, write_files_atomically)
 from .hashing import gen_model_hash, has_meta_parameters
@@ -54,9 +54,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-#: arguments of the original ``save_finetuned`` for its (discontinued) DeltaCenter.
-_DELTA_CENTER_ARGS = ("push_to_dc", "center_args", "center_args_pool", "list_tags", "dict_tags",
-                      "delay_push")
+
+
+def _legacy_writer(save_function: Callable[..., Any], tensors: Dict[str, torch.Tensor]) -> Callable[[str], None]:
+    def write(target: str) -> None:
+        save_function(tensors, target)
+    return write
 
 
 # =========================================================================== the mixin
@@ -153,9 +156,13 @@ class SaveLoadMixin:
     # ------------------------------------------------------------------ save_finetuned
     def save_finetuned(self: "DeltaBase", finetuned_delta_path: PathLike = "./delta_checkpoints/",
                        save_config: bool = True, state_dict: Optional[Dict[str, torch.Tensor]] = None,
-                       *, push_to_hub: bool = False, repo_id: Optional[str] = None,
-                       private: Optional[bool] = None, token: Optional[Union[str, bool]] = None,
-                       commit_message: Optional[str] = None, **legacy_kwargs: Any) -> str:
+                       save_function: Optional[Callable[..., Any]] = None, push_to_dc: bool = False,
+                       center_args: Optional[Dict[str, Any]] = None,
+                       center_args_pool: Optional[Dict[str, Any]] = None, list_tags: Optional[List[str]] = None,
+                       dict_tags: Optional[Dict[str, Any]] = None, delay_push: bool = False,
+                       test_result: Any = None, usage: str = "", *, push_to_hub: bool = False,
+                       repo_id: Optional[str] = None, private: Optional[bool] = None,
+                       token: Optional[Union[str, bool]] = None, commit_message: Optional[str] = None) -> str:
         """Save this delta (weights and config) to a directory, atomically; optionally push
         it to the Hugging Face Hub.
 
@@ -170,20 +177,25 @@ class SaveLoadMixin:
             push_to_hub: upload ``config.json`` and ``model.safetensors`` (and a
                 ``README.md`` if the directory has one) to the Hub repo ``repo_id``
                 (created if needed, ``private`` as given) with huggingface_hub.
+            save_function: the original's way to write weights (``torch.save``): given, the
+                weights go to ``pytorch_model.bin`` written by ``save_function(state_dict,
+                path)`` instead of ``model.safetensors`` (loadable only if it can be read with
+                ``torch.load(weights_only=True)``).
+            push_to_dc: the DeltaCenter no longer exists: ``True`` raises, pointing to
+                ``push_to_hub``. ``center_args``, ``center_args_pool``, ``list_tags``,
+                ``dict_tags``, ``delay_push``, ``test_result`` and ``usage`` are accepted
+                for old scripts and written nowhere.
             token: Hub token (default: huggingface_hub's login).
-            **legacy_kwargs: the original's DeltaCenter arguments (``push_to_dc``,
-                ``center_args``, ...) are accepted and ignored with a warning.
 
         Returns:
             the absolute path of the checkpoint directory.
         """
-        unknown = set(legacy_kwargs) - set(_DELTA_CENTER_ARGS)
-        if unknown:
-            raise TypeError(f"save_finetuned() got unexpected argument(s) {sorted(unknown)}")
-        if legacy_kwargs.get("push_to_dc") or legacy_kwargs.get("center_args"):
-            warnings.warn("the DeltaCenter no longer exists: push_to_dc/center_args are ignored; "
-                          "use push_to_hub=True, repo_id='org/name' to share through the Hugging "
-                          "Face Hub", stacklevel=2)
+        if push_to_dc:
+            raise ValueError("push_to_dc=True: the DeltaCenter no longer exists; share the checkpoint "
+                             "through the Hugging Face Hub with save_finetuned(..., push_to_hub=True, "
+                             "repo_id='org/name')")
+        if save_function is not None and not callable(save_function):
+            raise TypeError(f"save_function must be callable like torch.save(obj, path), got {save_function!r}")
         if push_to_hub and not repo_id:
             raise ValueError("push_to_hub=True needs repo_id='org/name'")
         from ..integrations.distributed import has_sharded_parameters, save_finetuned_distributed
@@ -195,8 +207,11 @@ class SaveLoadMixin:
                 repo_id=repo_id, private=private, token=token, commit_message=commit_message)
         save_id = uuid.uuid4().hex
         tensors = self._prepare_state_dict(state_dict)
-        writers = {WEIGHTS_NAME: self._weights_writer(
-            tensors, {SAVE_ID_KEY: save_id, "delta_type": self.delta_type})}
+        if save_function is None:
+            writers = {WEIGHTS_NAME: self._weights_writer(
+                tensors, {SAVE_ID_KEY: save_id, "delta_type": self.delta_type})}
+        else:  # the original's format; its save_id lives in the config only
+            writers = {LEGACY_WEIGHTS_NAME: _legacy_writer(save_function, tensors)}
         if save_config:
             delta_keys = set(delta_tensors(self))
             config = self.config_for_saving(skip_parameters=[k for k in tensors if k not in delta_keys])
@@ -214,6 +229,20 @@ class SaveLoadMixin:
                                    commit_message=commit_message or f"Upload {self.delta_type} delta")
         return directory
 
+    def create_default_name(self: "DeltaBase", **kwargs: Any) -> str:
+        """The original's default checkpoint name: ``<model_path_public_name>_<delta_type>_<dataset>``
+        (parts not given are left out; ``delta_type`` defaults to this delta's)."""
+        return create_default_name(**{"delta_type": self.delta_type, **kwargs})
+
+    def create_delta_center_args(self: "DeltaBase", center_args: Optional[Dict[str, Any]] = None,
+                                 center_args_pool: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The DeltaCenter arguments the original built (``center_args`` wins over
+        ``center_args_pool``, which wins over what this delta knows: its type and backbone)."""
+        backbone = self.backbone_model
+        defaults = {"delta_type": self.delta_type, "backbone_model": type(backbone).__name__,
+                    "model_path_public_name": getattr(getattr(backbone, "config", None), "_name_or_path", None)}
+        return create_delta_center_args(center_args, center_args_pool, defaults)
+
     def config_for_saving(self: "DeltaBase", skip_parameters: List[str] = ()) -> BaseDeltaConfig:
         """This delta's config with the backbone's class, name and hash and the library
         versions filled in (the hash leaves out the values of ``skip_parameters``, which
@@ -226,7 +255,11 @@ class SaveLoadMixin:
         # FSDP2 (DTensor parameters): hashing values would need a collective gather of the
         # whole backbone, and its classes are renamed (FSDPLlama...): record neither hash.
         sharded = has_sharded_parameters(backbone)
+        # A method written the manual's way keeps its hyperparameters as attributes named
+        # like its config's fields (``self.rank = rank``): those are what it was built with.
+        stored = {n: self.__dict__[n] for n in self.config_class.hyperparameter_names() if n in self.__dict__}
         config = self.config.copy(
+            **stored,
             # Backbone parameters saved with the delta were trainable: record their modules
             # so that freeze_module() after from_finetuned() leaves them trainable again.
             unfrozen_modules=covering_modules(self.unfrozen_modules, skip_parameters),

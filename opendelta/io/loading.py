@@ -17,6 +17,16 @@ from .hashing import gen_model_hash, has_meta_parameters, is_comparable_hash
 logger = logging.getLogger(__name__)
 
 
+def _same_type(a: str, b: str) -> bool:
+    return a.lower().replace("-", "_") == b.lower().replace("-", "_")
+
+
+def _own_class(cls: type, delta_type: str) -> bool:
+    """``cls`` itself describes ``delta_type`` (a user's method need not be registered)."""
+    own = getattr(cls, "delta_type", "")
+    return bool(own) and _same_type(own, delta_type)
+
+
 def build_config(cls: type, config: Union[BaseDeltaConfig, Dict[str, Any]], source: str) -> BaseDeltaConfig:
     if isinstance(config, BaseDeltaConfig):
         return config
@@ -25,10 +35,13 @@ def build_config(cls: type, config: Union[BaseDeltaConfig, Dict[str, Any]], sour
         delta_type = getattr(cls, "delta_type", "") or None
     if not delta_type:
         raise CheckpointError(f"{source} has no 'delta_type': it cannot tell which delta to build")
-    try:
-        delta_class = get_delta_class(delta_type)
-    except ValueError as err:
-        raise CheckpointError(f"{source}: {err}") from err
+    if _own_class(cls, delta_type):
+        delta_class: Any = cls
+    else:
+        try:
+            delta_class = get_delta_class(delta_type)
+        except ValueError as err:
+            raise CheckpointError(f"{source}: {err}") from err
     try:
         return delta_class.config_class.from_dict(config)
     except (TypeError, ValueError) as err:
@@ -36,7 +49,12 @@ def build_config(cls: type, config: Union[BaseDeltaConfig, Dict[str, Any]], sour
 
 
 def class_for(cls: type, config: BaseDeltaConfig, source: str) -> type:
-    delta_class = get_delta_class(config.delta_type)
+    if _own_class(cls, config.delta_type):
+        return cls
+    try:
+        delta_class = get_delta_class(config.delta_type)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from err
     if getattr(cls, "delta_type", "") and not issubclass(delta_class, cls) and not issubclass(cls, delta_class):
         raise CheckpointError(f"{source} holds a {config.delta_type!r} delta, not a {cls.delta_type!r} "
                               f"one: load it with {delta_class.__name__}.from_finetuned or "
