@@ -95,15 +95,15 @@ class Argument:
     defaults: Tuple[Any, ...] = ()
     aliases: Tuple[str, ...] = ()
 
-    def key(self, args: Tuple[Any, ...] | List[Any], kwargs: Dict[str, Any]) -> Optional[str]:
-        """The keyword under which this call passes the argument (``None``: positional or absent)."""
+    def key(self, kwargs: Dict[str, Any]) -> Optional[str]:
+        """The keyword under which a call passes the argument (``None``: positional or absent)."""
         if self.name in kwargs:
             return self.name
         return next((alias for alias in self.aliases if alias in kwargs), None)
 
     def get(self, args: Tuple[Any, ...] | List[Any], kwargs: Dict[str, Any], default: Any = None) -> Any:
         """The value passed in this call, or ``default``."""
-        key = self.key(args, kwargs)
+        key = self.key(kwargs)
         if key is not None:
             return kwargs[key]
         if self.position is not None and self.position < len(args):
@@ -112,7 +112,7 @@ class Argument:
 
     def set(self, args: List[Any], kwargs: Dict[str, Any], value: Any) -> None:
         """Pass ``value`` instead, where the caller passed the argument (in place)."""
-        key = self.key(args, kwargs)
+        key = self.key(kwargs)
         if key is not None:
             kwargs[key] = value
         elif self.position is not None and self.position < len(args):
