@@ -14,6 +14,28 @@ them with :func:`opendelta.utils.signature.get_arg_names_inside_func`::
 works the same way: the arguments of every hand-written ``__init__`` in the class
 hierarchy count as fields (:meth:`BaseDeltaConfig.field_names`), so ``to_dict``,
 ``from_dict``, ``copy``, ``==``, ``save_finetuned`` and ``from_finetuned`` see them.
+
+**Field validation** (see :mod:`opendelta.core.fields`): every field declares its type,
+range and finiteness once, next to its default, and the rule runs for constructor
+arguments, ``from_dict`` / ``config.json`` and ``copy`` alike::
+
+    from opendelta.core.fields import boolean, integer, number, text, validated
+
+    @dataclass
+    class MyMethodConfig(BaseDeltaConfig):
+        delta_type = "my_method"
+        rank: int = validated(8, integer(minimum=1))                      # bool refused
+        alpha: float = validated(16.0, number())                          # finite
+        dropout: float = validated(0.0, number(minimum=0, maximum=1, exclusive_maximum=True))
+        init: str = validated("gaussian", text(choices=("gaussian", "zeros")))
+        use_bias: bool = validated(False, boolean())
+
+A broken rule raises :class:`~opendelta.core.fields.ConfigFieldError` (both a ``TypeError``
+and a ``ValueError``) naming the config, the field, the value and the rule; loaders turn it
+into a ``CheckpointError`` naming the file. Rules that tie several fields together go in
+:meth:`BaseDeltaConfig.validate`, which runs after the per-field rules. A hand-written
+config declares ``field_rules = {"my_rank": integer(minimum=1)}``; its rules run when it
+goes through ``from_dict`` / ``copy`` (every delta model copies its config).
 """
 from __future__ import annotations
 
@@ -26,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
 
 from ..version import __version__
+from .fields import boolean, check_fields, string_list, text, validated
 
 #: keys written by the original OpenDelta (or by us) that carry no hyperparameter.
 INFORMATIONAL_KEYS = ("opendelta_version", "transformers_version", "torch_version")
@@ -53,28 +76,29 @@ class BaseDeltaConfig:
 
     delta_type: ClassVar[str] = ""
 
-    modified_modules: Optional[List[str]] = None
-    exclude_modules: Optional[List[str]] = None
-    unfrozen_modules: Optional[List[str]] = None
-    common_structure: Optional[bool] = None
-    backbone_class: Optional[str] = None
-    backbone_checkpoint_name: Optional[str] = None
-    backbone_hash: Optional[str] = None
+    modified_modules: Optional[List[str]] = validated(None, string_list())
+    exclude_modules: Optional[List[str]] = validated(None, string_list())
+    unfrozen_modules: Optional[List[str]] = validated(None, string_list())
+    common_structure: Optional[bool] = validated(None, boolean(nullable=True))
+    backbone_class: Optional[str] = validated(None, text(nullable=True))
+    backbone_checkpoint_name: Optional[str] = validated(None, text(nullable=True))
+    backbone_hash: Optional[str] = validated(None, text(nullable=True))
     #: keys read from a file that are no field of this config; kept so a round trip loses nothing.
     extra: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # A hand-written __init__ sets its own fields after this runs: check what is there
+        # (from_dict and copy check again once everything is set).
+        check_fields(self, only_present=True)
         for name in ("modified_modules", "exclude_modules", "unfrozen_modules"):
             value = getattr(self, name)
-            if isinstance(value, str):
-                raise TypeError(f"{name} must be a list of strings, not the string {value!r}; "
-                                f"write [{value!r}]")
             if value is not None:
                 setattr(self, name, list(value))
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the rule a hyperparameter breaks (override per method)."""
+        """Rules between several fields (override per method); raise ``ValueError`` naming
+        the rule. Runs after each field's declared rule (:mod:`opendelta.core.fields`)."""
 
     # ------------------------------------------------------------------ fields
     @classmethod
@@ -145,6 +169,7 @@ class BaseDeltaConfig:
                 setattr(config, f.name, f.default)
         if "extra" not in passed:
             config.extra = {**vars(config).get("extra", {}), **extra}
+        check_fields(config)  # values set after the constructor (hand-written configs) too
         return config
 
     def to_json_string(self) -> str:

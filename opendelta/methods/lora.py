@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
+from ..core.fields import integer, number, validated
 from ..core.layers import DeltaLayer
 from ..core.merging import MergeableLayer, Update
 from ..core.registry import registered
@@ -24,22 +25,16 @@ from ..core.shapes import is_conv1d_transposed, is_linear_like
 @dataclass
 class LoraConfig(BaseDeltaConfig):
     """Args:
-        lora_r: rank ``r`` of the update (> 0). Default 8.
-        lora_alpha: scaling numerator; the update is multiplied by ``lora_alpha / lora_r``.
-            Default 16.
+        lora_r: rank ``r`` of the update (a positive integer, not a bool). Default 8.
+        lora_alpha: scaling numerator (a finite number); the update is multiplied by
+            ``lora_alpha / lora_r``. Default 16.
         lora_dropout: dropout probability on the LoRA branch's input, in [0, 1). Default 0.
     """
 
     delta_type = "lora"
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
-
-    def validate(self) -> None:
-        if not isinstance(self.lora_r, int) or self.lora_r <= 0:
-            raise ValueError(f"lora_r must be a positive integer, got {self.lora_r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+    lora_r: int = validated(8, integer(minimum=1))
+    lora_alpha: float = validated(16, number())
+    lora_dropout: float = validated(0.0, number(minimum=0, maximum=1, exclusive_maximum=True))
 
 
 class LoraLayer(MergeableLayer, DeltaLayer):
