@@ -172,6 +172,7 @@ class Rule:
             note = "; a bool is not a number here" if is_bool else ""
             raise ConfigFieldError(owner, field, value, self.describe(), note)
         rule = self.describe()
+        value = float(value) if not isinstance(value, numbers.Integral) else int(value)
         if self.finite and not math.isfinite(value):
             raise ConfigFieldError(owner, field, value, rule, typed=False)
         if self.minimum is not None and (value < self.minimum or (self.exclusive_minimum and value == self.minimum)):
