@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..core.fields import Rule, text
+
 _ACTIVATIONS = {
     "gelu_new": lambda: nn.GELU(approximate="tanh"),
     "gelu_fast": lambda: nn.GELU(approximate="tanh"),
@@ -17,6 +19,11 @@ _ACTIVATIONS = {
     "linear": nn.Identity,
     "identity": nn.Identity,
 }
+
+
+def activation_rule() -> Rule:
+    """The declared rule of a ``non_linearity`` field: a known name, case-insensitive."""
+    return text(choices=sorted(_ACTIVATIONS), case_insensitive=True)
 
 
 def check_activation(name: str) -> None:

@@ -12,8 +12,9 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
+from ..core.fields import integer, validated
 from ..core.registry import registered
-from .activations import check_activation, get_activation
+from .activations import activation_rule, get_activation
 from .bottleneck import ResidualAdapterLayer, plain_projections
 
 
@@ -25,13 +26,8 @@ class AdapterConfig(BaseDeltaConfig):
     """
 
     delta_type = "adapter"
-    bottleneck_dim: int = 24
-    non_linearity: str = "gelu_new"
-
-    def validate(self) -> None:
-        if not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim <= 0:
-            raise ValueError(f"bottleneck_dim must be a positive integer, got {self.bottleneck_dim!r}")
-        check_activation(self.non_linearity)
+    bottleneck_dim: int = validated(24, integer(minimum=1))
+    non_linearity: str = validated("gelu_new", activation_rule())
 
 
 class AdapterLayer(ResidualAdapterLayer):

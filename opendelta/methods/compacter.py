@@ -26,8 +26,9 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
+from ..core.fields import boolean, integer, number, text, validated
 from ..core.registry import registered
-from .activations import check_activation, get_activation
+from .activations import activation_rule, get_activation
 from .bottleneck import ResidualAdapterLayer
 from .low_rank_adapter import bottleneck_size, glorot_init_
 
@@ -65,35 +66,21 @@ class CompacterConfig(BaseDeltaConfig):
     """
 
     delta_type = "compacter"
-    reduction_factor: int = 16
-    non_linearity: str = "gelu_new"
-    phm_c_init: str = "normal"
-    hypercomplex_division: int = 4
-    learn_phm: bool = True
-    hypercomplex_nonlinearity: str = "glorot-uniform"
-    shared_phm_rule: bool = False
-    factorized_phm: bool = True
-    shared_W_phm: bool = False
-    factorized_phm_rule: bool = False
-    phm_rank: int = 1
-    phm_init_range: float = 0.0001
-    kronecker_prod: Optional[bool] = None
-    use_bias_up_sampler: bool = True
-    use_bias_down_sampler: bool = True
-
-    def validate(self) -> None:
-        for name in ("reduction_factor", "hypercomplex_division", "phm_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.phm_c_init not in C_INITS:
-            raise ValueError(f"phm_c_init must be one of {C_INITS}, got {self.phm_c_init!r}")
-        if self.hypercomplex_nonlinearity not in W_INITS:
-            raise ValueError(f"hypercomplex_nonlinearity (the W initialisation) must be one of {W_INITS}, "
-                             f"got {self.hypercomplex_nonlinearity!r}")
-        if not self.phm_init_range > 0:
-            raise ValueError(f"phm_init_range must be positive, got {self.phm_init_range!r}")
-        check_activation(self.non_linearity)
+    reduction_factor: int = validated(16, integer(minimum=1))
+    non_linearity: str = validated("gelu_new", activation_rule())
+    phm_c_init: str = validated("normal", text(choices=C_INITS))
+    hypercomplex_division: int = validated(4, integer(minimum=1))
+    learn_phm: bool = validated(True, boolean())
+    hypercomplex_nonlinearity: str = validated("glorot-uniform", text(choices=W_INITS))
+    shared_phm_rule: bool = validated(False, boolean())
+    factorized_phm: bool = validated(True, boolean())
+    shared_W_phm: bool = validated(False, boolean())
+    factorized_phm_rule: bool = validated(False, boolean())
+    phm_rank: int = validated(1, integer(minimum=1))
+    phm_init_range: float = validated(0.0001, number(minimum=0, exclusive_minimum=True))
+    kronecker_prod: Optional[bool] = validated(None, boolean(nullable=True))
+    use_bias_up_sampler: bool = validated(True, boolean())
+    use_bias_down_sampler: bool = validated(True, boolean())
 
 
 def kronecker_sum(rule: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
+from ..core.fields import integer, text, validated
 from ..core.registry import registered
-from .activations import check_activation, get_activation
+from .activations import activation_rule, get_activation
 from .bottleneck import ResidualAdapterLayer
 
 WEIGHT_INITS = ("glorot-uniform", "glorot-normal")
@@ -57,19 +58,10 @@ class LowRankAdapterConfig(BaseDeltaConfig):
     """
 
     delta_type = "low_rank_adapter"
-    reduction_factor: int = 32
-    non_linearity: str = "gelu_new"
-    low_rank_w_init: str = "glorot-uniform"
-    low_rank_rank: int = 1
-
-    def validate(self) -> None:
-        for name in ("reduction_factor", "low_rank_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.low_rank_w_init not in WEIGHT_INITS:
-            raise ValueError(f"low_rank_w_init must be one of {WEIGHT_INITS}, got {self.low_rank_w_init!r}")
-        check_activation(self.non_linearity)
+    reduction_factor: int = validated(32, integer(minimum=1))
+    non_linearity: str = validated("gelu_new", activation_rule())
+    low_rank_w_init: str = validated("glorot-uniform", text(choices=WEIGHT_INITS))
+    low_rank_rank: int = validated(1, integer(minimum=1))
 
 
 class LowRankLinear(nn.Module):

@@ -28,11 +28,12 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
+from ..core.fields import integer, number, validated
 from ..core.dispatch import pop_call_value, push_call_value
 from ..core.layers import DeltaLayer, primary_input, primary_tensor, replace_primary_tensor
 from ..core.targets import candidate_modules
 from ..core.registry import registered
-from .activations import check_activation, get_activation
+from .activations import activation_rule, get_activation
 from .bottleneck import BottleneckLayer, plain_projections
 
 
@@ -46,16 +47,9 @@ class ParallelAdapterConfig(BaseDeltaConfig):
     """
 
     delta_type = "parallel_adapter"
-    bottleneck_dim: int = 24
-    non_linearity: str = "gelu_new"
-    scaled: Optional[float] = 1.0
-
-    def validate(self) -> None:
-        if not isinstance(self.bottleneck_dim, int) or self.bottleneck_dim <= 0:
-            raise ValueError(f"bottleneck_dim must be a positive integer, got {self.bottleneck_dim!r}")
-        if self.scaled is not None and not isinstance(self.scaled, (int, float)):
-            raise ValueError(f"scaled must be a number (or None for 1), got {self.scaled!r}")
-        check_activation(self.non_linearity)
+    bottleneck_dim: int = validated(24, integer(minimum=1))
+    non_linearity: str = validated("gelu_new", activation_rule())
+    scaled: Optional[float] = validated(1.0, number(nullable=True))
 
 
 class ParallelAdapterLayer(BottleneckLayer):

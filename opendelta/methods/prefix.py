@@ -45,9 +45,11 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
+from ..core.fields import boolean, integer, validated
 from ..core.dispatch import peek_call_value, pop_call_value, push_call_value
 from ..core.layers import DeltaLayer
 from ..core.registry import registered
+from ..core.structure import TowerStructureMap
 from ..integrations.transformers.attention import (ATTENTION_KINDS, BERT, GPT2, SUPPORTED_ARCHITECTURES,
                                                    SUPPORTED_IMPLEMENTATIONS, T5_LAYERS, AttentionKind,
                                                    PrefixedCache, attention_roles, extend_mask, inner_cache,
@@ -69,18 +71,10 @@ class PrefixConfig(BaseDeltaConfig):
     """
 
     delta_type = "prefix"
-    prefix_token_num: int = 6
-    reparameterize: bool = True
-    embed_dim: int = 512
-    mid_dim: int = 512
-
-    def validate(self) -> None:
-        for name in ("prefix_token_num", "embed_dim", "mid_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.reparameterize, bool):
-            raise ValueError(f"reparameterize must be True or False, got {self.reparameterize!r}")
+    prefix_token_num: int = validated(6, integer(minimum=1))
+    reparameterize: bool = validated(True, boolean())
+    embed_dim: int = validated(512, integer(minimum=1))
+    mid_dim: int = validated(512, integer(minimum=1))
 
 
 # --------------------------------------------------------------------------- layers
@@ -311,6 +305,7 @@ class PrefixModel(DeltaBase):
 
         cfg = self.config
         layers: List[PrefixLayer] = []
+        groups: Dict[Optional[str], List[int]] = {}  # tower -> positions: one MLP per tower
         for name, kind in zip(targets, kinds):
             module = modules[name]
             inner = kind.inner(module)
@@ -320,9 +315,16 @@ class PrefixModel(DeltaBase):
             if kind.placeholder is not None:
                 for which, proj in enumerate(kind.placeholder):
                     self.insert_layer(f"{name}.{proj}", PrefixSlot(layer, which))
+            groups.setdefault(self._tower_of(name), []).append(len(layers))
             layers.append(layer)
-        if cfg.reparameterize and layers:
-            self._add_reparameterization(targets[0], layers)
+        if cfg.reparameterize:
+            for positions in groups.values():
+                self._add_reparameterization(targets[positions[0]], [layers[i] for i in positions])
+
+    def _tower_of(self, name: str) -> Optional[str]:
+        """The known backbone holding ``name`` in a user model of several (``None``: one model)."""
+        mapping = self.structure_mapping
+        return mapping.tower_of(name) if isinstance(mapping, TowerStructureMap) else None
 
     def _add_reparameterization(self, first_target: str, layers: List[PrefixLayer]) -> None:
         host = self.backbone_model.get_submodule(first_target)

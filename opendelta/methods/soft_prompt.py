@@ -30,7 +30,7 @@ encoder), as saved by OpenDelta 0.3.2.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,8 +38,10 @@ from torch import nn
 
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
+from ..core.fields import boolean, integer, mapping, number, validated
 from ..core.layers import DeltaLayer, call_as_kwargs
 from ..core.registry import registered
+from ..core.structure import find_towers
 from ..integrations.transformers.roles import cache_length, passed_key
 
 IGNORE_INDEX = -100
@@ -62,20 +64,11 @@ class SoftPromptConfig(BaseDeltaConfig):
     """
 
     delta_type = "soft_prompt"
-    soft_token_num: int = 100
-    init_range: float = 0.5
-    token_init: bool = True
-    other_expand_ids: Dict[str, Any] = field(default_factory=default_expand_ids)
-
-    def validate(self) -> None:
-        if not isinstance(self.soft_token_num, int) or self.soft_token_num <= 0:
-            raise ValueError(f"soft_token_num must be a positive integer, got {self.soft_token_num!r}")
-        if not isinstance(self.init_range, (int, float)) or self.init_range < 0:
-            raise ValueError(f"init_range must be a non-negative number, got {self.init_range!r}")
-        if not isinstance(self.other_expand_ids, dict) or not all(
-                isinstance(k, str) and isinstance(v, (int, float, bool)) for k, v in self.other_expand_ids.items()):
-            raise ValueError("other_expand_ids must map input names to numbers, e.g. "
-                             f"{default_expand_ids()}; got {self.other_expand_ids!r}")
+    soft_token_num: int = validated(100, integer(minimum=1))
+    init_range: float = validated(0.5, number(minimum=0))
+    token_init: bool = validated(True, boolean())
+    other_expand_ids: Dict[str, Any] = validated(default_factory=default_expand_ids,
+                                                 rule=mapping(number(allow_bool=True)))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,31 +214,55 @@ class SoftPromptModel(DeltaBase):
     default_modified_modules: List[str] = []
     layer_name = "soft_prompt_layer"
 
-    def _encoder_name(self) -> Optional[str]:
-        """Name of the encoder of an encoder-decoder backbone (``None`` for other models)."""
-        backbone = self.backbone_model
-        if not getattr(getattr(backbone, "config", None), "is_encoder_decoder", False):
+    @staticmethod
+    def _encoder_name(model: nn.Module) -> Optional[str]:
+        """Name of the encoder of an encoder-decoder ``model`` (``None`` for other models)."""
+        if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             return None
-        encoder = backbone.get_encoder()
-        for name, module in backbone.named_modules():
+        encoder = model.get_encoder()
+        for name, module in model.named_modules():
             if module is encoder:
                 return name
-        raise ValueError(f"cannot find the encoder of {type(backbone).__name__} among its modules")
+        raise ValueError(f"cannot find the encoder of {type(model).__name__} among its modules")
+
+    def _prompted_models(self) -> List[str]:
+        """Paths of the models that get a prompt: the backbone itself, or, for a user model
+        holding known backbones (a two-tower retriever), each of those towers."""
+        backbone = self.backbone_model
+        try:
+            input_embedding(backbone)
+            return [""]
+        except ValueError as own_error:
+            towers = sorted(find_towers(backbone, skip=(DeltaLayer,)))
+            if not towers:
+                raise own_error
+            return towers
+
+    def _tower_keys(self, keys: Sequence[str]) -> Dict[str, str]:
+        return {}  # tower names select towers here, see resolve_targets
 
     def resolve_targets(self, keys: Sequence[str], uses_defaults: bool = False) -> List[str]:
-        if not uses_defaults and list(keys) not in ([], ["root"]):
-            raise ValueError(f"SoftPrompt modifies the model's input embeddings and takes no modified_modules "
-                             f"(got {list(keys)}); leave modified_modules as None")
-        encoder = self._encoder_name()
-        return [""] if encoder is None else ["", encoder]
+        """The models to prompt (``""``: the backbone): all of them, or the towers named."""
+        models = self._prompted_models()
+        if uses_defaults or list(keys) in ([], ["root"]):
+            return models
+        unknown = [k for k in keys if k not in models or k == ""]
+        if unknown:
+            raise ValueError(f"SoftPrompt modifies a model's input embeddings and takes no modified_modules "
+                             f"(got {list(keys)}); leave modified_modules as None"
+                             + (f", or name some of the towers {models}" if models != [""] else ""))
+        return [m for m in models if m in keys]
 
     def add_all_deltas(self, targets: Sequence[str]) -> None:
-        encoder = self._encoder_name()
-        host = self.backbone_model if encoder is None else self.backbone_model.get_submodule(encoder)
-        layer = SoftPromptLayer(self._initial_embeds(input_embedding(host)), self.config.other_expand_ids)
-        self.insert_layer(encoder or "", layer)
-        if encoder is not None:
-            self.insert_layer("", SoftPromptMaskLayer(layer.num_tokens), f"{self.layer_attr}_mask")
+        for path in targets:
+            model = self.backbone_model.get_submodule(path) if path else self.backbone_model
+            encoder = self._encoder_name(model)
+            host_name = ".".join(p for p in (path, encoder) if p)
+            host = model if encoder is None else model.get_submodule(encoder)
+            layer = SoftPromptLayer(self._initial_embeds(input_embedding(host)), self.config.other_expand_ids)
+            self.insert_layer(host_name, layer)
+            if encoder is not None:
+                self.insert_layer(path, SoftPromptMaskLayer(layer.num_tokens), f"{self.layer_attr}_mask")
 
     def _initial_embeds(self, embedding: nn.Module) -> torch.Tensor:
         """``[n, hidden]`` start values, on the embedding's device, in ``delta_dtype`` if
