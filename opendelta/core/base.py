@@ -22,7 +22,8 @@ from torch import nn
 
 from .config import BaseDeltaConfig
 from .addressing import endswith_in
-from .construction import SUPPORTED_BACKENDS, build_from_config, check_arguments, hyperparameter_init, split_legacy
+from .construction import (SUPPORTED_BACKENDS, build_from_config, check_arguments, hyperparameter_init,
+                           new_tensor_options, split_legacy)
 from .dispatch import attach_layer, detach_layer
 from .extension import ExtensionMixin
 from .freezing import DELTAS, freeze, normalise_exclude, set_trainable_state_dict
@@ -30,8 +31,9 @@ from .layer_tree import Transaction, disown_layer, own_layer
 from .layers import DeltaLayer, DeltaLifecycle, LayerEntry
 from .merging import MergeMixin
 from .shapes import Sizes, probe_sizes, static_sizes
-from .structure import CommonStructureMap
-from .targets import backbone_module, candidate_modules, check_keys, free_child_name, resolve
+from .structure import CommonStructureMap, TowerStructureMap, structure_map_for
+from .targets import (backbone_module, candidate_modules, check_keys, free_child_name, required_structure_map, resolve,
+                      scoped_defaults, tower_keys)
 from ..io.checkpoint import SaveLoadMixin
 
 
@@ -119,11 +121,11 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
             modified_modules = interactive(backbone_model, port=port)
             common_structure = False
         uses_defaults = modified_modules is None
-        if uses_defaults:
+        if modified_modules is None:
             keys, marked = split_legacy(self.default_modified_modules)
             common_structure = marked or (self.builds_in_init() and common_structure is not False)
         else:
-            keys, marked = split_legacy(check_keys(list(modified_modules or []), "modified_modules"))
+            keys, marked = split_legacy(check_keys(modified_modules, "modified_modules"))
             common_structure = bool(common_structure) or marked
         # Keys written the original library's way ("attn@.q@") keep its rule: a key that only
         # matches excluded modules is ignored (our own rule raises, never a silent no-op).
@@ -140,8 +142,14 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
             or config.backbone_checkpoint_name)
         if not self.config.delta_type and self.delta_type:  # a user's config class names no method
             object.__setattr__(self.config, "delta_type", self.delta_type)  # shadows the ClassVar
+        towers = self._tower_keys(keys) if not uses_defaults and self.builds_in_init() else {}
+        if towers:  # ["a"]: tower a's default targets (a user model holding known backbones)
+            keys, self._optional_keys = scoped_defaults(keys, towers, split_legacy(self.default_modified_modules)[0])
+            common_structure = True
         self._target_keys = keys
         self.structure_mapping = self._structure_map() if common_structure else None
+        if isinstance(self.structure_mapping, TowerStructureMap):  # recorded with the checkpoint
+            self.config.extra["towers"] = {p: t for p, t in sorted(self.structure_mapping.model_types.items())}
         self.layer_attr = free_child_name(backbone_model, self.layer_name)
         if self.builds_in_init():
             targets = self.resolve_targets(keys, uses_defaults)
@@ -162,13 +170,11 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
         calling :meth:`add_all_delta_to_backbone` (the manual's way)."""
         return cls.add_delta is not DeltaBase.add_delta or cls.add_all_deltas is not DeltaBase.add_all_deltas
 
-    def _structure_map(self) -> CommonStructureMap:
-        try:
-            return CommonStructureMap(self.backbone_model)
-        except KeyError as err:
-            raise ValueError(f"{type(self).__name__}: {err.args[0] if err.args else err} (default "
-                             "targets and common-structure names need a known architecture)") from None
+    def _structure_map(self) -> Any:
+        return required_structure_map(type(self).__name__, self.backbone_model)
 
+    def _tower_keys(self, keys: Sequence[str]) -> Dict[str, str]:  # overridden by SoftPrompt
+        return tower_keys(self.backbone_model, keys)
     @property
     def delta_config(self) -> BaseDeltaConfig:
         return self.config
@@ -196,10 +202,9 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
         return bool(self.config.common_structure)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(
-            f"{type(self).__name__} is a delta model: it has modified the backbone model in place "
-            "and cannot run by itself. Call the backbone model (the one passed as backbone_model) "
-            "instead.")
+        raise RuntimeError(f"{type(self).__name__} is a delta model: it has modified the backbone model in "
+                           "place and cannot run by itself. Call the backbone model (the one passed as "
+                           "backbone_model) instead.")
 
     @classmethod
     def from_config(cls, config: Union[BaseDeltaConfig, Dict[str, Any]], backbone_model: nn.Module,
@@ -228,7 +233,8 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
         """
         skipped: Optional[List[str]] = [] if self._legacy_keys else None
         targets = resolve(self.backbone_model, keys, self.exclude_modules, self.structure_mapping,
-                          uses_defaults=uses_defaults, owner=type(self).__name__, skipped=skipped)
+                          uses_defaults=uses_defaults, owner=type(self).__name__, skipped=skipped,
+                          optional=getattr(self, "_optional_keys", ()))
         if skipped:  # legacy keys with no effect: drop them so a re-save stays loadable
             self._target_keys = [k for k in self._target_keys if k not in skipped]
             if self.config.modified_modules is not None:
@@ -275,18 +281,11 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
 
     def module_sizes(self, name: str, module: nn.Module) -> Sizes:
         """``(in, out)`` features of a target, from the module, else by a dummy forward."""
-        sizes = static_sizes(module)
-        if sizes is None:
-            sizes = probe_sizes(self.backbone_model, [name])[name]
-        return sizes
+        return static_sizes(module) or probe_sizes(self.backbone_model, [name])[name]
 
     def factory_kwargs(self, module: nn.Module) -> Dict[str, Any]:
-        """``device`` and ``dtype`` for new deltas on ``module``: those of its first floating
-        parameter, the dtype overridden by ``delta_dtype`` when given."""
-        for p in module.parameters():
-            if p.is_floating_point():
-                return {"device": p.device, "dtype": self.delta_dtype or p.dtype}
-        return {"dtype": self.delta_dtype} if self.delta_dtype is not None else {}
+        """``device`` and ``dtype`` for new deltas on ``module`` (see :func:`new_tensor_options`)."""
+        return new_tensor_options(module, self.delta_dtype)
 
     # ------------------------------------------------------------------ the layer tree
     def layer_entries(self) -> Tuple[LayerEntry, ...]:
@@ -310,11 +309,7 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
     def is_attached(self) -> bool:
         return self.lifecycle.attached
 
-    @property
-    def _attached(self) -> bool:  # transitional alias, used by methods/prefix.py
-        return self.lifecycle.attached
-
-    def _check_module(self, module: Optional[nn.Module]) -> None:
+    def _check_module(self, module: Optional[nn.Module]) -> None:  # the documented `module` argument
         if module is not None and module is not self.backbone_model:
             raise ValueError("this delta model was built on another module; pass its backbone or None")
 
@@ -382,7 +377,7 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
         keys = normalise_exclude(self.unfrozen_modules if exclude is None else exclude)
         mapping = None
         if target is self.backbone_model:
-            mapping = self.structure_mapping or CommonStructureMap.load(self.backbone_model)
+            mapping = self.structure_mapping or structure_map_for(self.backbone_model, skip=(DeltaLayer,))
         freeze(target, keys, mapping, set_state_dict)
         if target is self.backbone_model:
             self.lifecycle.filters_state_dict = set_state_dict

@@ -78,6 +78,10 @@ def hyperparameter_init(cls: type, base_init: Any) -> Optional[Any]:
     signature = inspect.Signature(params)
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(signature.parameters))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected argument(s) {unknown}; its hyperparameters "
+                            f"are {names}")
         try:
             bound = signature.bind(self, *args, **kwargs)
         except TypeError as err:
@@ -111,3 +115,12 @@ def build_from_config(cls: Any, config: Any, backbone_model: nn.Module, kwargs: 
     accepted = inspect.signature(cls.__init__).parameters
     values = {**config.to_dict(), **rest}
     return cls(backbone_model, **{k: v for k, v in values.items() if k in accepted and k != "backbone_model"})
+
+
+def new_tensor_options(module: nn.Module, delta_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
+    """``device`` and ``dtype`` for new delta tensors on ``module``: those of its first
+    floating parameter, the dtype overridden by ``delta_dtype`` when given."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return {"device": p.device, "dtype": delta_dtype or p.dtype}
+    return {"dtype": delta_dtype} if delta_dtype is not None else {}

@@ -143,3 +143,75 @@ class CommonStructureMap:
             if match:
                 return common.replace(_INDEX, match.group("i")) if _INDEX in common else common
         return None
+
+
+class TowerStructureMap:
+    """Common names for a model that is not itself a known architecture but holds known
+    backbones (*towers*): a user's two-tower retriever ``Mymodel(a=bert, b=gpt2)``.
+
+    Each tower's modules get its own map's common names under the tower's path:
+    ``transform("a.encoder.layer.0.attention.self.query")`` is
+    ``"a.encoder.block.0.attn.q"``, so common keys (``attn.q``) reach every tower and a
+    tower's path restricts them to it.
+
+    Args:
+        towers: tower path -> its :class:`CommonStructureMap`.
+    """
+
+    def __init__(self, towers: Dict[str, CommonStructureMap]):
+        if not towers:
+            raise ValueError("TowerStructureMap needs at least one tower")
+        # Longest path first, so nested paths resolve to the innermost tower.
+        self.towers = dict(sorted(towers.items(), key=lambda kv: -len(kv[0])))
+        self._cache: Dict[str, Optional[str]] = {}
+
+    @property
+    def model_types(self) -> Dict[str, Optional[str]]:
+        """Tower path -> ``model_type`` of its architecture."""
+        return {path: mapping.model_type for path, mapping in self.towers.items()}
+
+    def tower_of(self, name: str) -> Optional[str]:
+        """The path of the tower holding the module ``name`` (``None``: outside every tower)."""
+        return next((p for p in self.towers if name == p or name.startswith(p + ".")), None)
+
+    def transform(self, org_key: str, strict: bool = False, warning: bool = False) -> Optional[str]:
+        """The common name of module ``org_key``, prefixed with its tower's path."""
+        if org_key not in self._cache:
+            tower = self.tower_of(org_key)
+            common = None
+            if tower is not None and org_key != tower:
+                inner = self.towers[tower].transform(org_key[len(tower) + 1:])
+                common = f"{tower}.{inner}" if inner else None
+            self._cache[org_key] = common
+        common = self._cache[org_key]
+        if common is None and strict:
+            raise KeyError(f"module {org_key!r} has no common structure name")
+        if common is None and warning:
+            warnings.warn(f"module {org_key!r} has no common structure name", stacklevel=2)
+        return common
+
+
+def find_towers(model: nn.Module, skip: Tuple[type, ...] = ()) -> Dict[str, CommonStructureMap]:
+    """The outermost submodules of ``model`` whose ``config.model_type`` has a map, by path
+    (modules of the types in ``skip``, e.g. delta layers, are not searched)."""
+    towers: Dict[str, CommonStructureMap] = {}
+    stack: List[Tuple[str, nn.Module]] = [(n, c) for n, c in model._modules.items() if c is not None]
+    while stack:
+        name, module = stack.pop()
+        if skip and isinstance(module, skip):
+            continue
+        if model_type_of(module) in COMMON_STRUCTURES:
+            towers[name] = CommonStructureMap(module)
+            continue
+        stack.extend((f"{name}.{n}", c) for n, c in module._modules.items() if c is not None)
+    return towers
+
+
+def structure_map_for(model: nn.Module, skip: Tuple[type, ...] = ()):
+    """The common-structure map of ``model``: its architecture's
+    :class:`CommonStructureMap`, a :class:`TowerStructureMap` over the known backbones it
+    holds, or ``None``."""
+    if model_type_of(model) in COMMON_STRUCTURES:
+        return CommonStructureMap(model)
+    towers = find_towers(model, skip)
+    return TowerStructureMap(towers) if towers else None

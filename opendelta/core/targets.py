@@ -8,12 +8,14 @@ below it. Delta layers, and what is inside them, are never candidates.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .addressing import closest_names, endswith_in, is_child_key, is_regex_key, strip_regex_marker
+from .addressing import REGEX_PREFIX, closest_names, endswith_in, is_child_key, is_regex_key, strip_regex_marker
 from .layers import DeltaLayer
+from .structure import model_type_of, structure_map_for
+from .structure_maps import COMMON_STRUCTURES
 
 
 def check_keys(keys: Sequence[str], field: str) -> List[str]:
@@ -95,7 +97,7 @@ def is_excluded(name: str, common: Optional[str], excludes: Sequence[str]) -> bo
 
 def resolve(backbone: nn.Module, keys: Sequence[str], excludes: Sequence[str], mapping: Any,
             uses_defaults: bool = False, owner: str = "DeltaBase",
-            skipped: Optional[List[str]] = None) -> List[str]:
+            skipped: Optional[List[str]] = None, optional: Sequence[str] = ()) -> List[str]:
     """Full names of the modules matched by ``keys`` and not excluded, in model order.
 
     Args:
@@ -105,6 +107,8 @@ def resolve(backbone: nn.Module, keys: Sequence[str], excludes: Sequence[str], m
             matching nothing at all raises.
         skipped: if given, a key that only matches excluded modules is appended to it instead
             of raising (configs of the original library carry such overlaps, which it ignored).
+        optional: keys that may match nothing (defaults scoped to a tower), as long as some
+            key matches.
 
     Raises:
         ValueError: a key matched no module (the message lists the closest names), or only
@@ -140,8 +144,11 @@ def resolve(backbone: nn.Module, keys: Sequence[str], excludes: Sequence[str], m
                 f"{owner}'s default targets {list(keys)} match no module of {type(backbone).__name__} "
                 f"(after excluding {list(excludes)}); pass modified_modules explicitly")
         return targets
+    if optional and not targets:
+        raise ValueError(f"{owner}'s default targets match no module of the towers named in modified_modules "
+                         f"(after excluding {list(excludes)}); pass the module names explicitly")
     for key, count in hits.items():
-        if count:
+        if count or key in optional:
             continue
         if excluded_hits[key]:
             if skipped is not None:
@@ -169,3 +176,60 @@ def free_child_name(backbone: nn.Module, base: str) -> str:
         i += 1
         candidate = f"{base}_{i}"
     return candidate
+
+
+def scoped_defaults(keys: Sequence[str], towers: Dict[str, str],
+                    defaults: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """The default keys restricted to the towers named in ``keys``, as regular expressions
+    over the towers' common names (``a.encoder.block.0.attn.q``); all of them optional."""
+    out = []
+    for key in keys:
+        prefix = re.escape(towers[key]) + r"\.(?:.+\.)?"
+        for default in defaults:
+            body = strip_regex_marker(default) if is_regex_key(default) else re.escape(default)
+            out.append(f"{REGEX_PREFIX}{prefix}(?:{body})")
+    return out, list(out)
+
+
+def unknown_architecture_message(owner: str, model: nn.Module) -> str:
+    """Why default targets / common names are unavailable for ``model``, and what to do."""
+    searched = sum(1 for _ in candidate_modules(model))
+    linears = [n for n, m in candidate_modules(model) if isinstance(m, nn.Linear)][:4]
+    example = f" (e.g. {linears})" if linears else ""
+    return (f"{owner}: no common structure map for architecture {type(model).__name__!r}, and none of its "
+            f"{searched} modules is a known backbone (a module whose config.model_type is one of "
+            f"{', '.join(sorted(COMMON_STRUCTURES))}); default targets and common-structure names need one. "
+            f"Pass modified_modules with the model's own module names{example} instead.")
+
+
+def required_structure_map(owner: str, backbone: nn.Module) -> Any:
+    """The common-structure map of ``backbone`` (its own, or over the known backbones it
+    holds), or a ValueError saying what was searched and how to name modules instead."""
+    mapping = structure_map_for(backbone, skip=(DeltaLayer,))
+    if mapping is None:
+        raise ValueError(unknown_architecture_message(owner, backbone))
+    return mapping
+
+
+def tower_keys(backbone: nn.Module, keys: Sequence[str]) -> Dict[str, str]:
+    """Keys of ``keys`` that name a known backbone inside a model that is not one itself
+    (``{"a": "a"}`` for ``Mymodel(a=bert, b=gpt2)``); empty when none does.
+
+    Raises:
+        ValueError: tower names mixed with other keys.
+    """
+    if model_type_of(backbone) in COMMON_STRUCTURES:
+        return {}
+    found = {}
+    for key in keys:
+        try:
+            module = backbone_module(backbone, key)
+        except ValueError:
+            continue
+        if module is not backbone and model_type_of(module) in COMMON_STRUCTURES:
+            found[key] = key
+    if found and len(found) != len(keys):
+        raise ValueError(f"modified_modules {list(keys)} mixes tower names {sorted(found)} (each meaning "
+                         "that tower's default targets) with other keys; pass only tower names, or only "
+                         "module names")
+    return found
