@@ -12,8 +12,8 @@
 # 2.13.0 first, then transformers at that version and everything else at the lock's versions
 # (constraints.txt; a locked version that this transformers excludes, such as huggingface_hub
 # 2.x for transformers 5.0.0, is resolved within transformers' range instead), then opendelta
-# itself, editable. An environment built from the same lock, pyproject.toml and options is
-# reused. Prints each version's pytest summary; exits non-zero if any version fails.
+# itself, editable. An environment built from the same lock, [project] table of
+# pyproject.toml and options is reused. Prints each version's pytest summary; exits non-zero if any version fails.
 # PYTHON picks the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,10 +49,12 @@ done < "$LIST"
 build() {
     local version=$1 dir=.venv-compat/$1
     local stamp
-    stamp=$(cat constraints.txt pyproject.toml scripts/compat_lock.py | sha256sum | cut -c1-16)
+    # pyproject.toml's [project] table only: a change to a tool's settings needs no rebuild.
+    stamp=$({ cat constraints.txt scripts/compat_lock.py; sed -n '/^\[project/,/^\[tool/p' pyproject.toml; } \
+            | sha256sum | cut -c1-16)
     stamp="$stamp $version ${overrides[*]:-}"
     if [ $fresh = 0 ] && [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$stamp" ]; then
-        echo "reusing $dir (same lock, pyproject.toml and options)"
+        echo "reusing $dir (same lock, pyproject.toml [project] table and options)"
         return 0
     fi
     rm -rf "$dir" && "$PY" -m venv "$dir" || return 1
