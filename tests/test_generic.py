@@ -108,6 +108,14 @@ def test_delta_model_is_an_honest_module(method):
     assert outputs(model, tm.example_inputs("bert")).dtype == backbone_dtype
 
 
+def _no_eos(logits, model):
+    """generate(min_new_tokens=...) forbids the end-of-sequence token: so does the loop."""
+    eos = model.generation_config.eos_token_id
+    logits = logits.clone()
+    logits[..., [eos] if isinstance(eos, int) else list(eos)] = float("-inf")
+    return logits
+
+
 @pytest.mark.parametrize("method, arch", supported_pairs(archs=GENERATORS))
 def test_generate_equals_greedy_steps(method, arch):
     model, _ = _tuned(method, arch, **({"lora_r": 4} if method == "lora" else {}))
@@ -121,14 +129,14 @@ def test_generate_equals_greedy_steps(method, arch):
         if arch in tm.ENCODER_DECODER:
             tokens = torch.tensor([[model.config.decoder_start_token_id]])
             for _ in range(new):
-                logits = model(**inputs, decoder_input_ids=tokens, use_cache=False).logits
-                tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], 1)
+                logits = model(**inputs, decoder_input_ids=tokens, use_cache=False).logits[:, -1:]
+                tokens = torch.cat([tokens, _no_eos(logits, model).argmax(-1)], 1)
             assert torch.equal(generated, tokens)
         else:
             tokens = inputs["input_ids"]
             for _ in range(new):
-                logits = model(input_ids=tokens, attention_mask=torch.ones_like(tokens), use_cache=False).logits
-                tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], 1)
+                logits = model(input_ids=tokens, attention_mask=torch.ones_like(tokens), use_cache=False).logits[:, -1:]
+                tokens = torch.cat([tokens, _no_eos(logits, model).argmax(-1)], 1)
             assert torch.equal(generated, tokens)
 
 

@@ -22,8 +22,8 @@ from torch import nn
 
 from .config import BaseDeltaConfig
 from .addressing import endswith_in
-from .construction import (SUPPORTED_BACKENDS, build_from_config, check_arguments, hyperparameter_init,
-                           new_tensor_options, split_legacy)
+from .construction import (SUPPORTED_BACKENDS, backbone_name_or_path, build_from_config, check_arguments,
+                           hyperparameter_init, new_tensor_options, split_legacy)
 from .dispatch import attach_layer, detach_layer
 from .extension import ExtensionMixin
 from .freezing import DELTAS, freeze, normalise_exclude, set_trainable_state_dict
@@ -138,7 +138,7 @@ class DeltaBase(SaveLoadMixin, MergeMixin, ExtensionMixin, nn.Module):
             modified_modules=None if uses_defaults else keys, exclude_modules=excludes,
             unfrozen_modules=unfrozen, common_structure=bool(common_structure),
             backbone_class=type(backbone_model).__name__,
-            backbone_checkpoint_name=getattr(getattr(backbone_model, "config", None), "_name_or_path", None)
+            backbone_checkpoint_name=backbone_name_or_path(backbone_model)
             or config.backbone_checkpoint_name)
         if not self.config.delta_type and self.delta_type:  # a user's config class names no method
             object.__setattr__(self.config, "delta_type", self.delta_type)  # shadows the ClassVar

@@ -124,3 +124,13 @@ def new_tensor_options(module: nn.Module, delta_dtype: Optional[torch.dtype]) ->
         if p.is_floating_point():
             return {"device": p.device, "dtype": delta_dtype or p.dtype}
     return {"dtype": delta_dtype} if delta_dtype is not None else {}
+
+
+def backbone_name_or_path(model: nn.Module) -> Optional[str]:
+    """The name or path a transformers backbone was loaded from (its config's public
+    ``name_or_path``), or ``None``."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "name_or_path", None)
+    if name is None:
+        name = getattr(config, "_name_or_path", None)
+    return str(name) if name else None

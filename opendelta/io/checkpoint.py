@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..core.config import BaseDeltaConfig
+from ..core.construction import backbone_name_or_path
 from ..core.dispatch import is_delta_parameter_name
 from ..core.freezing import covering_modules
 from .delta_center import create_default_name, create_delta_center_args
@@ -240,7 +241,7 @@ class SaveLoadMixin:
         ``center_args_pool``, which wins over what this delta knows: its type and backbone)."""
         backbone = self.backbone_model
         defaults = {"delta_type": self.delta_type, "backbone_model": type(backbone).__name__,
-                    "model_path_public_name": getattr(getattr(backbone, "config", None), "_name_or_path", None)}
+                    "model_path_public_name": backbone_name_or_path(backbone)}
         return create_delta_center_args(center_args, center_args_pool, defaults)
 
     def config_for_saving(self: "DeltaBase", skip_parameters: List[str] = ()) -> BaseDeltaConfig:
@@ -248,7 +249,7 @@ class SaveLoadMixin:
         versions filled in (the hash leaves out the values of ``skip_parameters``, which
         the checkpoint stores itself)."""
         backbone = self.backbone_model
-        name = getattr(getattr(backbone, "config", None), "_name_or_path", None) \
+        name = backbone_name_or_path(backbone) \
             or self.config.backbone_checkpoint_name
         from ..integrations.distributed import has_sharded_parameters, unsharded_class
 

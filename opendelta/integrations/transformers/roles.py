@@ -28,6 +28,12 @@ from typing import Any, Dict, List, Optional, Tuple
 #: transformers releases the integrations are tested with (oldest, newest).
 TESTED_TRANSFORMERS: Tuple[str, str] = ("5.0.0", "5.24.0")
 
+
+def _next_minor(version: str) -> str:
+    """``"5.24.0"`` -> ``"5.25"``: the first release outside the tested range."""
+    major, minor = version.split(".")[:2]
+    return f"{major}.{int(minor) + 1}"
+
 #: role -> the argument names it goes by, most current spelling first.
 SPELLINGS: Dict[str, Tuple[str, ...]] = {
     "hidden": ("hidden_states", "hidden_state", "x", "inputs", "input", "query"),
@@ -71,7 +77,7 @@ class UnsupportedSignatureError(NotImplementedError):
             f"{user} cannot map {cls.__name__}.forward{signature}: it has no {role} argument "
             f"(looked for {looked_for}{detail}). Installed transformers: {installed_transformers()}; "
             f"{user} is tested with transformers {tested_range()}. Install a tested release "
-            f"(pip install 'transformers>={TESTED_TRANSFORMERS[0]},<={TESTED_TRANSFORMERS[1]}') or "
+            f"(pip install 'transformers>={TESTED_TRANSFORMERS[0]},<{_next_minor(TESTED_TRANSFORMERS[1])}') or "
             "report the new signature.")
 
 
