@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 import pytest
 
 import tiny_models as tm
-from opendelta import (AdapterModel, BitFitModel, CompacterModel, LoraModel, LowRankAdapterModel,
+from opendelta import (AdapterModel, BitFitModel, CompacterModel, IA3Model, LoraModel, LowRankAdapterModel,
                        ParallelAdapterModel, PrefixModel, SoftPromptModel)
 
 #: soft tokens used on the tiny models (they have 64 positions; 100 is tried elsewhere).
@@ -55,6 +55,7 @@ TABLE: Dict[str, MethodCase] = {
                          unsupported={"deberta-v2": (NotImplementedError,
                                                      r"DebertaV2Attention \(deberta-v2\).*implemented for")}),
     "soft_prompt": MethodCase(SoftPromptModel, {"soft_token_num": PROMPT}, adds_positions=True),
+    "ia3": MethodCase(IA3Model, exact_at_init=True, mergeable=True, routable=True),
 }
 
 #: method -> (class, constructor arguments): the short view older tests use.

@@ -33,6 +33,7 @@ from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_j
                                read_weights, write_files_atomically)
 from ..core.shapes import is_conv1d_transposed
 from .state import trainable_backbone_tensors
+from .peft_ia3 import load_peft_ia3
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.base import DeltaBase
@@ -142,6 +143,8 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
     directory = os.fspath(directory)
     source = os.path.join(directory, PEFT_CONFIG_NAME)
     config = read_peft_config(directory)
+    if str(config.get("peft_type", "")).upper() == "IA3":  # PEFT's IA3 adapters: see peft_ia3.py
+        return load_peft_ia3(directory, backbone_model)
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise CheckpointError(f"{source}: peft_type {config.get('peft_type')!r} is not LORA; only "
                               "PEFT LoRA adapters can be loaded")

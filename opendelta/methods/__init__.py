@@ -14,3 +14,6 @@ from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel  # noq
 from .soft_prompt import SoftPromptConfig, SoftPromptModel  # noqa: E402
 __all__ += ["CompacterConfig", "CompacterModel", "LowRankAdapterConfig", "LowRankAdapterModel",
             "ParallelAdapterConfig", "ParallelAdapterModel", "SoftPromptConfig", "SoftPromptModel"]
+
+from .ia3 import IA3Config, IA3Model  # noqa: E402
+__all__ += ["IA3Config", "IA3Model"]
