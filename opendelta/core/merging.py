@@ -6,6 +6,28 @@ BitFit: ``b += delta``) and its hook is switched off, so it is never added twice
 layers stay registered (their parameters remain visible and saveable) until
 :meth:`MergeMixin.merge_and_detach`, which leaves a plain backbone.
 
+**Merge state lives on the layers.** A merged layer remembers (see :class:`MergeableLayer`)
+its host, the values its own parameters had when it was merged (a copy of the small delta
+tensors), the backbone tensors it changed with a fingerprint of what they held before
+(:mod:`opendelta.core.digest`), and the optional full copies of ``keep_copy``. Hence:
+
+* ``unmerge()`` / ``detach()`` take out exactly the update that was put in, whatever was
+  written to the delta's parameters meanwhile (``load_state_dict``, ``load_checkpoint``,
+  an optimizer step, a hand edit): the backbone comes back within fp32 rounding, bit for
+  bit with ``keep_copy``;
+* a *load* into a merged layer (``delta.load_state_dict``, ``load_checkpoint``,
+  ``load_delta_state_dict``, and any ``load_state_dict`` of a module containing the layer,
+  e.g. the backbone's) re-merges it with the loaded values, so outputs follow the load;
+  other writes (an optimizer step) take effect at the next ``merge()``, which brings every
+  stale merged layer up to date;
+* the backbone hash (:func:`opendelta.io.hashing.gen_model_hash`) of a merged backbone
+  uses the fingerprints, so a checkpoint saved while merged records the backbone itself.
+  Merging therefore reads each changed weight once (on the CPU) to fingerprint it.
+
+Tied weights: a merge into a weight whose storage another backbone parameter shares (GPT-2's
+``lm_head`` and ``wte``) would change both modules; ``merge()`` and ``merge_and_detach()``
+refuse it, naming both parameters, before anything changes.
+
 Exactness: :meth:`MergeMixin.unmerge` subtracts the same update it added, which restores
 fp32 weights within rounding (relative error well below 1e-6); ``merge(keep_copy=True)``
 keeps a copy of each touched weight and restores it bit for bit (for low-precision weights,
@@ -24,76 +46,18 @@ refuse, since nothing in their forward would use it.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Mapping, Tuple, cast
 
 import torch
 from torch import nn
 
-from .dispatch import refresh_hooks
 from .freezing import set_trainable_state_dict
+from .merge_layer import (_MERGE_STACK, MergeableLayer, Update, _check_not_tied, merged_backbone_tensors,
+                          premerge_fingerprints, refresh_merged)
 from .protocol import DeltaModelProtocol
 
-#: attribute on a host module: the mergeable layers folded into it, in merge order.
-_MERGE_STACK = "_opendelta_merge_stack"
-
-Update = Tuple[nn.Parameter, torch.Tensor]  # (backbone tensor, increment of the same shape)
-
-
-class MergeableLayer:
-    """Mixin for delta layers that are linear re-parameterisations of their host.
-
-    Subclasses implement :meth:`merge_updates`. The mixin keeps the ``merged`` flag (read by
-    the dispatcher, see :func:`opendelta.core.layers.refresh_hooks`) and the optional copies.
-    """
-
-    merged: bool = False
-    _merge_backup: Optional[List[torch.Tensor]] = None
-
-    def merge_problem(self, host: nn.Module, create_missing: bool = False) -> Optional[str]:
-        """Why this layer cannot be merged into ``host`` (``None``: it can)."""
-        return None
-
-    def merge_updates(self, host: nn.Module, create_missing: bool = False) -> List[Update]:
-        """``(backbone tensor, increment)`` pairs that fold this layer into ``host``."""
-        raise NotImplementedError
-
-    def merge(self, host: nn.Module, keep_copy: bool = False,
-              updates: Optional[List[Update]] = None) -> None:
-        """Add this layer's update to ``host``'s weights and switch its hook off."""
-        if self.merged:
-            return
-        updates = self.merge_updates(host) if updates is None else updates
-        with torch.no_grad():
-            self._merge_backup = [t.detach().clone() for t, _ in updates] if keep_copy else None
-            for tensor, increment in updates:
-                tensor.add_(increment)
-        host.__dict__.setdefault(_MERGE_STACK, []).append(self)
-        self.merged = True
-        refresh_hooks(host)
-
-    def unmerge(self, host: nn.Module) -> None:
-        """Take this layer's update out of ``host``'s weights and switch its hook back on."""
-        if not self.merged:
-            return
-        stack = host.__dict__.get(_MERGE_STACK, [])
-        position = next(i for i, layer in enumerate(stack) if layer is self)
-        backup = getattr(self, "_merge_backup", None)
-        # A copy is valid only while nothing merged after this layer is still in the weight.
-        with torch.no_grad():
-            if backup is not None and position == len(stack) - 1:
-                for (tensor, _), saved in zip(self.merge_updates(host), backup):
-                    tensor.copy_(saved)
-            else:
-                for tensor, increment in self.merge_updates(host):
-                    tensor.sub_(increment)
-                for later in stack[position + 1:]:
-                    later._merge_backup = None  # their copies still hold this layer's update
-        del stack[position]
-        if not stack:
-            del host.__dict__[_MERGE_STACK]
-        self._merge_backup = None
-        self.merged = False
-        refresh_hooks(host)
+__all__ = ["MergeMixin", "MergeableLayer", "Update", "merged_backbone_tensors", "premerge_fingerprints",
+           "refresh_merged", "_MERGE_STACK"]
 
 
 def _merge_pairs(delta: DeltaModelProtocol) -> List[Tuple[str, nn.Module, Any]]:
@@ -118,6 +82,29 @@ def _check_mergeable(delta: DeltaModelProtocol, create_missing: bool = False) ->
         problem = layer.merge_problem(host, create_missing)
         if problem:
             raise ValueError(f"cannot merge {delta.name!r} into {host_name!r}: {problem}")
+
+
+def _state_dict_problems(module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> List[str]:
+    """What ``module.load_state_dict(state_dict, strict)`` would complain about."""
+    if not isinstance(state_dict, Mapping):
+        return [f"expected a mapping of names to tensors, got {type(state_dict).__name__}"]
+    own = module.state_dict(keep_vars=True)
+    problems = []
+    wrong = [k for k, v in state_dict.items() if k in own and not isinstance(v, torch.Tensor)]
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+              if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        problems.append(f"values that are not tensors for {wrong[:8]}")
+    if shapes:
+        problems.append(f"size mismatch for {shapes[:8]}")
+    if strict:
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if missing:
+            problems.append(f"missing key(s) {missing[:8]}")
+        if unexpected:
+            problems.append(f"unexpected key(s) {unexpected[:8]}")
+    return problems
 
 
 class MergeMixin:
@@ -149,19 +136,26 @@ class MergeMixin:
             ValueError: a host cannot take the update (BitFit on a module without a bias),
                 or ``safe`` found a non-finite result.
             RuntimeError: the delta is detached.
-        Merging an already merged delta does nothing.
+            ValueError: a weight to change is shared with another backbone parameter
+                (tied weights, e.g. GPT-2's ``lm_head`` and ``wte``).
+        Nothing is changed when it raises. Merging an already merged delta merges again
+        the layers whose parameters changed since (e.g. after an optimizer step), and
+        leaves the others as they are.
         """
         if not self.lifecycle.attached:
             raise RuntimeError(f"{self.name!r} is detached; attach() it before merge()")
         _check_mergeable(self)
         pending = [(n, h, l) for n, h, l in _merge_pairs(self) if not l.merged]
         plans = [(h, l, l.merge_updates(h)) for _, h, l in pending]
+        _check_not_tied(self, [(name, [t for t, _ in updates])
+                               for (name, _, _), (_, _, updates) in zip(pending, plans)])
         if safe:
             with torch.no_grad():
                 for (name, _, _), (_, _, updates) in zip(pending, plans):
                     if not all(torch.isfinite(t + inc).all() for t, inc in updates):
                         raise ValueError(f"merging {self.name!r} would put NaN or inf into the "
                                          f"weights of {name!r}; nothing was merged")
+        refresh_merged(self)  # merged layers written to since (an optimizer step): up to date
         for host, layer, updates in plans:
             layer.merge(host, keep_copy=keep_copy, updates=updates)
         self.lifecycle.merge_keep_copy = keep_copy
@@ -189,6 +183,11 @@ class MergeMixin:
         if not self.lifecycle.attached:
             raise RuntimeError(f"{self.name!r} is detached; attach() it before merge_and_detach()")
         _check_mergeable(self, create_missing=True)
+        # Tied weights are refused before anything changes (a bias created here is new).
+        _check_not_tied(self, [(name, [t for t, _ in layer.merge_updates(host)])
+                               for name, host, layer in _merge_pairs(self)
+                               if not layer.merged and layer.merge_problem(host) is None])
+        refresh_merged(self)
         for _, host, layer in _merge_pairs(self):
             if not layer.merged:
                 layer.merge(host, updates=layer.merge_updates(host, create_missing=True))
@@ -200,7 +199,7 @@ class MergeMixin:
                 if not stack:
                     del host.__dict__[_MERGE_STACK]
             if isinstance(entry.layer, MergeableLayer):
-                entry.layer._merge_backup = None
+                entry.layer.forget_merge()
             self.remove_layer(entry)
         if self.lifecycle.filters_state_dict:
             set_trainable_state_dict(self.backbone_model, False)
@@ -209,10 +208,26 @@ class MergeMixin:
         self.lifecycle.merged_away = True
         return self.backbone_model
 
+    # ----------------------------------------------------------------- loading
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict`` for the delta's own tensors (``delta.state_dict()``
+        keys), all or nothing: every key, value and shape is checked first, and a failure
+        raises ``RuntimeError`` with nothing loaded. Merged layers are merged again with
+        the loaded values (see :mod:`opendelta.core.merging`)."""
+        module = cast(nn.Module, self)
+        problems = _state_dict_problems(module, state_dict, strict)
+        if problems:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: "
+                               + "; ".join(problems) + ". Nothing was loaded.")
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+        refresh_merged(cast(DeltaModelProtocol, self))
+        return result
+
     # ----------------------------------------------------------------- detach / attach
     def _prepare_detach(self: DeltaModelProtocol) -> None:
-        """Called by ``detach()``: a merged delta is unmerged first (see module docs)."""
-        if self.is_merged:
+        """Called by ``detach()``: a merged delta (or one with merged layers) is unmerged
+        first (see module docs)."""
+        if any(getattr(e.layer, "merged", False) for e in self.layer_entries()):
             self.unmerge()
             self.lifecycle.remerge_on_attach = True
 

@@ -6,12 +6,14 @@ bytes of every parameter. Attaching, detaching or training a delta does not chan
 the hash written at save time can be checked against a fresh copy of the backbone.
 
 Parameters are hashed as raw bytes (``tensor.view(torch.uint8)``): no per-element Python,
-any dtype (fp32, fp16, bf16, fp8, integers). Each large tensor gets its own SHA-256 digest,
-computed in a thread pool (hashlib releases the GIL), and the digests are combined in model
-order, so the hash runs at the hash function's speed times the number of cores (SHA-256 is
-hardware-accelerated on most CPUs). Parameters on the ``meta`` device have no values, so a
-model on ``meta`` hashes its structure only; compare such a hash with a structure hash
-(``with_parameters=False``).
+any dtype (fp32, fp16, bf16, fp8, integers). Each tensor gets its own SHA-256 digest (large
+ones computed in a thread pool: hashlib releases the GIL), and the digests are combined in
+model order, so the hash runs at the hash function's speed times the number of cores
+(SHA-256 is hardware-accelerated on most CPUs). A weight that a merged delta changed counts
+with the digest of what it held before the merge (recorded by the merge, see
+:mod:`opendelta.core.merging`): merging does not change the hash either. Parameters on
+the ``meta`` device have no values, so a model on ``meta`` hashes its structure only;
+compare such a hash with a structure hash (``with_parameters=False``).
 
 Hashes are strings ``"sha256:<32 hex digits>"``; the prefix tells them apart from the md5
 hashes written by OpenDelta 0.3.x (a different recipe, never comparable).
@@ -21,12 +23,14 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Collection, Iterable, Iterator, Mapping, Optional, Tuple, Union
+from typing import Collection, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..core.digest import Fingerprint, tensor_digest
 from ..core.layers import DeltaLayer
+from ..core.merging import premerge_fingerprints
 
 HASH_PREFIX = "sha256:"
 #: tensors at least this large (bytes) are hashed in worker threads.
@@ -61,34 +65,27 @@ def backbone_parameters(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
             yield (f"{module_name}.{name}" if module_name else name), param
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of ``tensor`` (any dtype, any device but meta), on the CPU."""
-    data = tensor.detach()
-    if data.device.type != "cpu":
-        data = data.cpu()
-    # reshape(-1) makes 0-d tensors viewable; view(uint8) reinterprets bf16/fp8 bytes, which
-    # numpy cannot represent directly.
-    return memoryview(data.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def _digest(tensor: torch.Tensor) -> bytes:
-    return hashlib.sha256(_tensor_bytes(tensor)).digest()
-
-
-def _update_with_tensors(hasher: "hashlib._Hash", named: Iterable[Tuple[str, torch.Tensor]]) -> None:
-    """Feed name and value of each tensor to ``hasher``, in order; large tensors contribute
-    their own SHA-256 digest, computed in parallel."""
+def _update_with_tensors(hasher: "hashlib._Hash", named: Iterable[Tuple[str, torch.Tensor]],
+                         known: Optional[Mapping[int, Fingerprint]] = None) -> None:
+    """Feed name and SHA-256 digest of each tensor to ``hasher``, in order; large tensors
+    are digested in parallel. ``known``: ``id(tensor)`` -> a fingerprint to use instead of
+    the tensor's current bytes (what a merged weight held before the merge)."""
     named = list(named)
-    big = [t for _, t in named if t.numel() * t.element_size() >= _PARALLEL_BYTES]
-    digests = {}
+    known = known or {}
+    digests: Dict[int, bytes] = {}
+    for _, tensor in named:
+        print_ = known.get(id(tensor))
+        if print_ is not None and print_.describes(tensor):
+            digests[id(tensor)] = print_.digest
+    big = [t for _, t in named if id(t) not in digests and t.numel() * t.element_size() >= _PARALLEL_BYTES]
     if big:
         workers = min(len(big), os.cpu_count() or 1, 16)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            digests = dict(zip(map(id, big), pool.map(_digest, big)))
+            digests.update(zip(map(id, big), pool.map(tensor_digest, big)))
     for name, tensor in named:
         hasher.update(name.encode())
         digest = digests.get(id(tensor))
-        hasher.update(digest if digest is not None else _tensor_bytes(tensor))
+        hasher.update(digest if digest is not None else tensor_digest(tensor))
 
 
 def gen_parameter_hash(parameters: Union[Mapping[str, torch.Tensor], Iterable[torch.Tensor]],
@@ -131,7 +128,7 @@ def gen_model_hash(model: nn.Module, with_parameters: bool = True,
     """Hash of a backbone model, its deltas excluded.
 
     Args:
-        model: the backbone (deltas attached or not: the hash is the same).
+        model: the backbone (deltas attached, detached or merged: the hash is the same).
         with_parameters: hash the parameter values too, not just the structure. Values of
             parameters on the ``meta`` device are never hashed.
         skip_parameters: names of parameters whose *values* are left out (their name,
@@ -145,8 +142,11 @@ def gen_model_hash(model: nn.Module, with_parameters: bool = True,
     hasher = _new_hasher()
     hasher.update(_structure_text(model).encode())
     if with_parameters:
+        known: Dict[int, Fingerprint] = {}
+        for _, module in _backbone_modules(model):
+            known.update(premerge_fingerprints(module))
         _update_with_tensors(hasher, [(name, p) for name, p in backbone_parameters(model)
-                                      if name not in skip and p.device.type != "meta"])
+                                      if name not in skip and p.device.type != "meta"], known)
     return _hexdigest(hasher)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..core.extension import delta_state_tensors
+from ..core.merging import merged_backbone_tensors, refresh_merged
 from .files import CheckpointError, _short_list
 from .hashing import backbone_parameters
 
@@ -104,9 +105,17 @@ def load_delta_tensors(delta: "DeltaBase", state_dict: Dict[str, torch.Tensor], 
     if strict and unexpected:
         problems.append(f"unexpected keys (neither this {delta.delta_type} delta's nor backbone "
                         f"parameters) {_short_list(unexpected)}")
+    merged = merged_backbone_tensors(backbone)
+    into_merged = [key for key, target, _ in plan if id(target) in merged]
+    if into_merged:
+        problems.append(f"{_short_list(into_merged)} hold merged delta updates (modules "
+                        f"{_short_list(sorted({merged[id(t)] for _, t, _ in plan if id(t) in merged}))}); "
+                        "unmerge the deltas merged there before loading backbone parameters into them")
     if problems:
         raise CheckpointError(f"{source} does not fit this {type(delta).__name__} on "
                               f"{type(backbone).__name__}: " + "; ".join(problems))
     with torch.no_grad():
         for _, target, value in plan:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
+    # A merged delta follows its loaded values (see opendelta.core.merging).
+    refresh_merged(delta)
