@@ -10,8 +10,8 @@ from opendelta.methods.lora import LoraConfig
 
 
 def test_every_registered_config_round_trips_through_json():
-    assert known_delta_types() == sorted(["adapter", "bitfit", "compacter", "lora", "low_rank_adapter",
-                                          "parallel_adapter", "prefix", "soft_prompt"])
+    assert set(known_delta_types()) >= {"adapter", "bitfit", "compacter", "lora", "low_rank_adapter",
+                                        "parallel_adapter", "prefix", "soft_prompt"}
     for delta_type in known_delta_types():
         config = get_delta_class(delta_type).config_class(modified_modules=["x"], backbone_hash="abc")
         data = json.loads(config.to_json_string())

@@ -54,6 +54,8 @@ from .fields import boolean, check_fields, string_list, text, validated
 INFORMATIONAL_KEYS = ("opendelta_version", "transformers_version", "torch_version")
 #: file name of a configuration inside a checkpoint directory.
 CONFIG_NAME = "config.json"
+#: weights files of delta checkpoints (ours, OpenDelta 0.3.x's, PEFT's); see opendelta.io.names.
+_CHECKPOINT_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -208,7 +210,8 @@ class BaseDeltaConfig:
             the path of the written ``config.json``.
 
         Raises:
-            ValueError: ``save_directory`` is a file, or ``push_to_hub=True``.
+            ValueError: ``save_directory`` is a file or holds a delta checkpoint's weights
+                (a config alone must not be paired with them), or ``push_to_hub=True``.
             TypeError: an unknown keyword argument.
         """
         if kwargs:
@@ -221,6 +224,12 @@ class BaseDeltaConfig:
         if os.path.isfile(directory):
             raise ValueError(f"save_directory {directory!r} is a file; pass the directory that "
                              f"should hold {CONFIG_NAME}")
+        weights = [n for n in _CHECKPOINT_WEIGHTS if os.path.isfile(os.path.join(directory, n))]
+        if weights:
+            raise ValueError(f"save_directory {directory!r} holds a delta checkpoint ({', '.join(weights)}); "
+                             f"writing only its {CONFIG_NAME} would pair a new configuration with the old "
+                             "weights. Save the delta model (delta_model.save_finetuned) or choose another "
+                             "directory; nothing was written")
         os.makedirs(directory, exist_ok=True)
         data = self.to_dict()
         data["opendelta_version"] = __version__

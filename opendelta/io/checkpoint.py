@@ -13,10 +13,13 @@ Parameter names are those inside the backbone (``bert.encoder.layer.0.attention.
 lives under ``lora_1`` because the module already hosted another LoRA: a checkpoint loads
 onto any fresh copy of the backbone.
 
-Writes are atomic: a new checkpoint directory is written under a temporary name and renamed
-into place; in an existing directory each file is written to a temporary file and renamed
-over the old one, weights first and config last, and both carry the same ``save_id`` so a
-pair from two different saves (a crash between the two renames) is refused when loading.
+A save is a transaction (:mod:`opendelta.io.transaction`): the complete new directory is
+written next to the old one, fsynced and switched into place, so the directory shows the
+complete old checkpoint or the complete new one, even when the process dies; files that
+are no checkpoint files (a README.md) survive. A save replaces every checkpoint file of the
+directory (ours, ``pytorch_model.bin``, PEFT's ``adapter_*``), and a load refuses a
+directory holding two formats. Weights and config carry the same ``save_id``: a pair from
+two different saves (copied by hand) is refused when loading.
 
 Loading is strict and checks everything before touching the backbone: a missing or
 unexpected key or a wrong shape raises :class:`CheckpointError` naming the file and the
@@ -41,9 +44,10 @@ from ..core.construction import backbone_name_or_path
 from ..core.dispatch import is_delta_parameter_name
 from ..core.freezing import covering_modules
 from .delta_center import create_default_name, create_delta_center_args
+from ..core.fields import check_mapping
 from .files import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
-                    CheckpointError, PathLike, _short_list, library_versions, read_config_file,
-                    read_weights, weights_file, write_files_atomically)
+                    CheckpointError, PathLike, _short_list, library_versions, prepare_to_read, read_config_file,
+                    read_weights, weights_file, write_file_atomically, write_files_atomically)
 from .hashing import gen_model_hash, has_meta_parameters
 from .hub import push_checkpoint_to_hub, resolve_checkpoint_dir
 from .loading import build_config, check_backbone_hash, class_for, lora_class_for
@@ -88,8 +92,9 @@ class SaveLoadMixin:
         """Write the weights of this delta as safetensors (atomically), without config.
 
         Args:
-            path: a directory (the file is ``path/model.safetensors``) or a path ending
-                with ``.safetensors``.
+            path: a directory (the file is ``path/model.safetensors``; saved as a
+                transaction that replaces every checkpoint file there, ``config.json``
+                included) or a path ending with ``.safetensors`` (that file is replaced).
             state_dict: tensors to write instead of :meth:`checkpoint_state_dict`; names of
                 this delta's layers are turned into canonical names.
             metadata: extra string metadata for the safetensors header.
@@ -98,13 +103,11 @@ class SaveLoadMixin:
             the path of the weights file.
         """
         path = os.fspath(path)
-        if path.endswith(".safetensors"):
-            directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-        else:
-            directory, name = path, WEIGHTS_NAME
         tensors = self._prepare_state_dict(state_dict)
-        write_files_atomically(directory, {name: self._weights_writer(tensors, metadata or {})})
-        return os.path.join(os.path.abspath(directory), name)
+        writer = self._weights_writer(tensors, metadata or {})
+        if path.endswith(".safetensors"):
+            return write_file_atomically(path, writer)
+        return os.path.join(write_files_atomically(path, {WEIGHTS_NAME: writer}), WEIGHTS_NAME)
 
     def _prepare_state_dict(self: "DeltaBase", state_dict: Optional[Dict[str, torch.Tensor]]
                             ) -> Dict[str, torch.Tensor]:
@@ -137,6 +140,8 @@ class SaveLoadMixin:
                 delta's nor a backbone parameter, raises :class:`CheckpointError`.
         """
         path = os.fspath(path)
+        if os.path.isdir(path):
+            prepare_to_read(path)
         file = weights_file(path) if os.path.isdir(path) else path
         tensors, _ = read_weights(file)
         legacy = file.endswith(".bin")
@@ -168,8 +173,9 @@ class SaveLoadMixin:
         it to the Hugging Face Hub.
 
         Args:
-            finetuned_delta_path: the checkpoint directory (created; an existing one is
-                updated file by file, its other files kept).
+            finetuned_delta_path: the checkpoint directory (created if absent). The save is
+                a transaction (see :mod:`opendelta.io.transaction`): every checkpoint file
+                already there (of any format) is replaced, other files are kept.
             save_config: write ``config.json`` (with the backbone's class, name and hash and
                 the library versions). Without it the directory cannot be loaded by
                 ``from_finetuned``, only by :meth:`load_checkpoint`.
@@ -312,6 +318,7 @@ class SaveLoadMixin:
         directory = resolve_checkpoint_dir(finetuned_delta_path, cache_dir=cache_dir,
                                            local_files_only=local_files_only,
                                            force_download=force_download, revision=revision, token=token)
+        prepare_to_read(directory)  # leftovers of interrupted saves; two formats are refused
         if delta_config is None and not os.path.isfile(os.path.join(directory, CONFIG_NAME)) \
                 and os.path.isfile(os.path.join(directory, PEFT_CONFIG_NAME)):
             from .peft import load_peft_lora
@@ -322,6 +329,10 @@ class SaveLoadMixin:
         config_source = os.path.join(directory, CONFIG_NAME)
         config = read_config_file(directory) if delta_config is None else delta_config
         if isinstance(config, dict):
+            try:  # the fields every config has, before anything reads them
+                check_mapping(BaseDeltaConfig, config)
+            except (TypeError, ValueError) as err:
+                raise CheckpointError(f"{config_source} holds an invalid config: {err}") from err
             from .legacy import is_legacy_config, upgrade_legacy_config
 
             if is_legacy_config(config):

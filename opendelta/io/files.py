@@ -1,37 +1,30 @@
-"""Files of a delta checkpoint: names, atomic writing, strict reading.
+"""Files of a delta checkpoint: names, transactional writing, strict reading.
 
-Writes are atomic: a new checkpoint directory is written under a temporary name and renamed
-into place; in an existing directory each file is written to a temporary file and renamed
-over the old one, so a crash never leaves a half-written checkpoint.
+Saves are transactions (:mod:`opendelta.io.transaction`): the directory shows the complete
+old checkpoint or the complete new one, never a mixture, even when the process dies. A
+directory holding two checkpoints of different formats (written by other tools, or by
+earlier versions that updated files one by one) is refused when loading, see
+:func:`check_single_format`.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import json
 import os
-import shutil
-import tempfile
-from typing import Any, Callable, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Tuple
 
 import torch
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-#: safetensors metadata / config key tying a weights file to its config.json.
-SAVE_ID_KEY = "opendelta_save_id"
-STRUCTURE_HASH_KEY = "backbone_structure_hash"
-PathLike = Union[str, "os.PathLike[str]"]
+from .names import (CHECKPOINT_FILES, CONFIG_NAME, FORMATS, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME,
+                    PEFT_LEGACY_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
+                    BackboneHashWarning, CheckpointError, PathLike)
+from .transaction import recover_directory, write_file_atomically, write_files_atomically
 
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the backbone (the message says why)."""
-
-
-class BackboneHashWarning(UserWarning):
-    """The backbone differs from the one the checkpoint was trained on."""
+__all__ = ["CHECKPOINT_FILES", "CONFIG_NAME", "LEGACY_WEIGHTS_NAME", "PEFT_CONFIG_NAME", "PEFT_LEGACY_WEIGHTS_NAME",
+           "PEFT_WEIGHTS_NAME", "SAVE_ID_KEY", "STRUCTURE_HASH_KEY", "WEIGHTS_NAME", "BackboneHashWarning",
+           "CheckpointError", "PathLike", "check_single_format", "library_versions", "prepare_to_read",
+           "read_config_file", "read_json_object", "read_weights", "weights_file", "write_file_atomically",
+           "write_files_atomically"]
 
 
 # =========================================================================== small helpers
@@ -57,85 +50,6 @@ def _short_list(names: List[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_files_atomically(directory: PathLike, writers: Dict[str, Callable[[str], None]]) -> str:
-    """Write the files of a checkpoint so that a crash never leaves a half-written one.
-
-    Args:
-        directory: the checkpoint directory (created if absent).
-        writers: file name -> function writing that file at the path it is given. Files
-            are put in place in this order (put the config last).
-
-    A new directory is filled under a temporary name and renamed into place. In an
-    existing directory every file is first written to a temporary file next to it, then
-    renamed over the old one; other files in the directory are kept.
-    """
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise CheckpointError(f"cannot save a checkpoint to {directory}: it is a file; pass a directory")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    if not os.path.exists(directory):
-        tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-        try:
-            os.chmod(tmp_dir, 0o755)
-            for name, write in writers.items():
-                target = os.path.join(tmp_dir, name)
-                write(target)
-                os.chmod(target, 0o644)
-                _fsync_file(target)
-            _fsync_dir(tmp_dir)
-            try:
-                os.replace(tmp_dir, directory)
-            except OSError:
-                if not os.path.isdir(directory):
-                    raise
-                # Created meanwhile by someone else: fall back to per-file replacement.
-                _replace_files(directory, {n: os.path.join(tmp_dir, n) for n in writers})
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        _fsync_dir(parent)
-        return directory
-    temps: Dict[str, str] = {}
-    try:
-        for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
-            os.close(fd)
-            temps[name] = tmp
-            write(tmp)
-            os.chmod(tmp, 0o644)
-            _fsync_file(tmp)
-        _replace_files(directory, temps)
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return directory
-
-
-def _replace_files(directory: str, sources: Dict[str, str]) -> None:
-    for name, source in sources.items():
-        os.replace(source, os.path.join(directory, name))
-    _fsync_dir(directory)
-
-
 # =========================================================================== reading files
 def read_json_object(path: str, missing_hint: str) -> Dict[str, Any]:
     """The JSON object in file ``path``; :class:`CheckpointError` (with ``missing_hint`` if
@@ -158,6 +72,37 @@ def read_config_file(directory: PathLike) -> Dict[str, Any]:
     return read_json_object(os.path.join(os.fspath(directory), CONFIG_NAME),
                             f"a delta checkpoint directory needs {CONFIG_NAME} and {WEIGHTS_NAME} "
                             f"(found: {present or 'nothing'})")
+
+
+def check_single_format(directory: PathLike) -> None:
+    """Refuse a directory that holds the files of two checkpoint formats (see
+    :data:`opendelta.io.names.FORMATS`): which one is current cannot be told, and loading
+    the stale one would be silent.
+
+    Raises:
+        CheckpointError: naming the files of each format and the fix.
+    """
+    directory = os.fspath(directory)
+    present = {fmt: [f for f in files if os.path.isfile(os.path.join(directory, f))]
+               for fmt, files in FORMATS.items()}
+    found = {fmt: files for fmt, files in present.items() if files}
+    if len(found) > 1:
+        listed = "; ".join(f"{fmt}: {', '.join(files)}" for fmt, files in found.items())
+        raise CheckpointError(
+            f"{directory} holds checkpoints of {len(found)} formats ({listed}); which one is current "
+            "cannot be told. Save the delta again (a save replaces every checkpoint file of its "
+            "directory) or delete the stale files")
+
+
+def prepare_to_read(directory: PathLike) -> None:
+    """Before loading a local checkpoint directory: clean up leftovers of interrupted saves
+    (best effort: a read-only location is read as it is), then refuse mixed formats."""
+    try:
+        recover_directory(directory)
+    except OSError:
+        pass
+    if os.path.isdir(directory):
+        check_single_format(directory)
 
 
 def weights_file(directory: PathLike) -> str:

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type, Union
 import torch
 from torch import nn
 
-from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object,
+from ..core.fields import integer, number
+from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, prepare_to_read, read_json_object,
                                read_weights, write_files_atomically)
 from ..core.shapes import is_conv1d_transposed
 from .state import trainable_backbone_tensors
@@ -58,7 +59,10 @@ def _name_or_path(backbone: nn.Module) -> Optional[str]:
 
 def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"],
                    base_model_name_or_path: Optional[str] = None) -> str:
-    """Write a LoRA delta as a PEFT adapter directory (atomically).
+    """Write a LoRA delta as a PEFT adapter directory, as one transaction (see
+    :mod:`opendelta.io.transaction`): every checkpoint file already in ``directory`` (a
+    ``save_finetuned`` checkpoint's ``config.json`` and ``model.safetensors`` too) is
+    replaced, so the directory holds exactly this adapter; other files are kept.
 
     Args:
         delta: a :class:`LoraModel`.
@@ -141,6 +145,7 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
             do not fit the backbone. The backbone is unchanged after a failure.
     """
     directory = os.fspath(directory)
+    prepare_to_read(directory)  # leftovers of interrupted saves; two formats are refused
     source = os.path.join(directory, PEFT_CONFIG_NAME)
     config = read_peft_config(directory)
     if str(config.get("peft_type", "")).upper() == "IA3":  # PEFT's IA3 adapters: see peft_ia3.py
@@ -158,6 +163,13 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise CheckpointError(f"{source}: rank_pattern/alpha_pattern (per-module ranks) are not "
                               "supported: opendelta's LoRA has one rank")
+    try:  # the same rules as LoraConfig's fields
+        integer(minimum=1).check(PEFT_CONFIG_NAME, "r", config.get("r"))
+        number().check(PEFT_CONFIG_NAME, "lora_alpha", config.get("lora_alpha", 8))
+        number(minimum=0, maximum=1, exclusive_maximum=True).check(PEFT_CONFIG_NAME, "lora_dropout",
+                                                                   config.get("lora_dropout", 0.0))
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from None
     r = int(config["r"])
     alpha = float(config.get("lora_alpha", 8))
     if config.get("use_rslora"):
