@@ -17,6 +17,10 @@ from __future__ import annotations
 
 from typing import Dict
 
+from .structure_maps_speech import SPEECH_STRUCTURES
+from .structure_maps_text import TEXT_STRUCTURES
+from .structure_maps_vision import VISION_STRUCTURES
+
 StructureMap = Dict[str, str]
 
 
@@ -189,4 +193,7 @@ COMMON_STRUCTURES: Dict[str, StructureMap] = {
     "llama": LLAMA,
     "qwen2": LLAMA,
     "mistral": LLAMA,
+    **TEXT_STRUCTURES,
+    **VISION_STRUCTURES,
+    **SPEECH_STRUCTURES,
 }

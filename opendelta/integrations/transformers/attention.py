@@ -64,6 +64,15 @@ _T5_CROSS = AttentionKind(inner=attrgetter("EncDecAttention"), kv_dim=attrgetter
                           head_dim=attrgetter("key_value_proj_dim"), always_cross=True)
 _T5_ATTN = AttentionKind(inner=_itself, kv_dim=attrgetter("inner_dim"), head_dim=attrgetter("key_value_proj_dim"),
                          cross_when_passed=True)
+
+
+def _fused_kv_dim(module: nn.Module) -> int:
+    """Key width of an attention with one fused ``qkv_proj`` (Phi-3): kv heads x head size."""
+    return int(module.config.num_key_value_heads) * int(module.head_dim)
+
+
+# Phi-3 projects q, k and v with one Linear, so the key width comes from the config.
+_FUSED = AttentionKind(inner=_itself, kv_dim=_fused_kv_dim, head_dim=attrgetter("head_dim"))
 _DISTILBERT = AttentionKind(inner=_itself, kv_dim=attrgetter("k_lin.out_features"),
                             head_dim=attrgetter("attention_head_size"), placeholder=("k_lin", "v_lin"))
 
@@ -78,11 +87,14 @@ ATTENTION_KINDS: Dict[str, AttentionKind] = {
     "T5Attention": _T5_ATTN, "MT5Attention": _T5_ATTN,
     "BartAttention": _BART,
     "LlamaAttention": _PROJ, "Qwen2Attention": _PROJ, "MistralAttention": _PROJ,
+    "Qwen3Attention": _PROJ, "Gemma3Attention": _PROJ, "Phi3Attention": _FUSED,
+    # Whisper's encoder, decoder and cross-attention share BART's class layout.
+    "WhisperAttention": _BART,
 }
 #: T5 layers whose position bias is shared along a stack.
 T5_LAYERS = ("T5LayerSelfAttention", "T5LayerCrossAttention", "MT5LayerSelfAttention", "MT5LayerCrossAttention")
 SUPPORTED_ARCHITECTURES = ("BERT", "RoBERTa", "DistilBERT", "GPT-2", "OPT", "T5", "BART", "Llama",
-                           "Qwen2", "Mistral")
+                           "Qwen2", "Mistral", "Qwen3", "Gemma 3", "Phi-3", "Whisper")
 SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
@@ -154,6 +166,12 @@ class PrefixedCache:
     @property
     def num_prefixes(self) -> int:
         return self.key.shape[-2]
+
+    def __bool__(self) -> bool:
+        """Truth as the cache it wraps (a view of no cache is false, like an empty
+        ``DynamicCache``): Whisper's cross-attention in transformers 5.0 tests ``if cache``
+        before reading a flag it only sets for an ``EncoderDecoderCache``."""
+        return bool(self.inner) if self.inner is not None else False
 
     def _unshift(self, value: Any) -> Any:
         if isinstance(value, dict) and isinstance(value.get("cache_position"), torch.Tensor):
