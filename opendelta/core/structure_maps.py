@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+from .structure_maps_moe import MOE_STRUCTURES
 from .structure_maps_speech import SPEECH_STRUCTURES
 from .structure_maps_text import TEXT_STRUCTURES
 from .structure_maps_vision import VISION_STRUCTURES
@@ -196,4 +197,5 @@ COMMON_STRUCTURES: Dict[str, StructureMap] = {
     **TEXT_STRUCTURES,
     **VISION_STRUCTURES,
     **SPEECH_STRUCTURES,
+    **MOE_STRUCTURES,
 }
