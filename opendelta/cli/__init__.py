@@ -100,10 +100,29 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     model = AutoModel.from_config(config) if args.structure_only else AutoModel.from_pretrained(args.model_dir)
     if delta_class is not None:
         delta_class(backbone_model=model)
-    Visualization(model).structure_graph(common_structure=args.common_structure,
+    mapping = _common_map(model) if args.common_structure else None
+    Visualization(model).structure_graph(common_structure=args.common_structure, mapping=mapping,
                                          keep_non_params=args.keep_non_params,
                                          expand_params=args.expand_params)
     return 0
+
+
+def _common_map(model: Any) -> Any:
+    """The model's common-structure map; for an architecture without one, the inferred map
+    (its table is printed first, so the user sees what was inferred)."""
+    from ..core.inference import StructureInferenceError, infer_structure
+    from ..core.structure import CommonStructureMap
+
+    known = CommonStructureMap.load(model)
+    if known is not None:
+        return known
+    try:
+        inferred = infer_structure(model)
+    except StructureInferenceError as error:
+        raise CLIError(f"--common-structure: {type(model).__name__} has no common-structure map and "
+                       f"inferring one failed: {error}") from None
+    print(inferred.summary())
+    return inferred
 
 
 # -------------------------------------------------------------------------------- inspect
@@ -197,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     vis = sub.add_parser("visualize", help="print the module tree of a local model")
     vis.add_argument("model_dir")
     vis.add_argument("--delta", default=None, help="apply this delta type (default targets) first")
-    vis.add_argument("--common-structure", action="store_true")
+    vis.add_argument("--common-structure", "--common", action="store_true",
+                     help="name modules by the common structure (inferred for architectures without a map)")
     vis.add_argument("--keep-non-params", action="store_true")
     vis.add_argument("--expand-params", action="store_true")
     vis.add_argument("--structure-only", action="store_true", help="build from config.json, skip the weights")
