@@ -17,11 +17,13 @@ from .tools.inspect import inspect_module_statistics, inspect_optimizer_statisti
 from .io.files import BackboneHashWarning, CheckpointError
 from .io.hashing import gen_model_hash, gen_parameter_hash
 from .io.peft import load_peft_lora, save_peft_lora
+# Quantized backbones: imports neither bitsandbytes nor torchao; registers their weight formats.
+from .integrations.quantized import prepare_for_kbit_training
 
 __all__ = ["__version__", "AutoDeltaConfig", "AutoDeltaModel", "BackboneHashWarning", "BaseDeltaConfig",
            "CheckpointError", "CommonStructureMap", "DeltaBase", "DeltaLayer", "gen_model_hash",
            "gen_parameter_hash", "get_delta_class", "inspect_module_statistics", "load_peft_lora", "save_peft_lora",
-           "inspect_optimizer_statistics", "known_delta_types", "register_delta", "route",
+           "inspect_optimizer_statistics", "known_delta_types", "prepare_for_kbit_training", "register_delta", "route",
            "Visualization",  # noqa: F405 (provided lazily by __getattr__ below)
            *_method_names]
 
