@@ -18,6 +18,7 @@ from ..core.config import BaseDeltaConfig
 from ..core.fields import integer, number, validated
 from ..core.layers import DeltaLayer
 from ..core.merging import MergeableLayer, Update
+from ..core.quantized_merge import QuantizedMergeMixin, is_quantized
 from ..core.registry import registered
 from ..core.shapes import is_conv1d_transposed, is_linear_like
 
@@ -121,6 +122,11 @@ class LoraLayer(MergeableLayer, DeltaLayer):
         return f"r={self.r}, alpha={self.alpha}" + (", merged" if self.merged else "")
 
 
+class QuantizedLoraLayer(QuantizedMergeMixin, LoraLayer):
+    """LoRA on a quantized Linear (bitsandbytes, torchao): merging dequantizes, adds and
+    requantizes, keeping the original weight (see :mod:`opendelta.core.quantized_merge`)."""
+
+
 @registered()
 class LoraModel(DeltaBase):
     """LoRA on Linear and Conv1D modules (default: attention query and value, or GPT-2's
@@ -138,6 +144,7 @@ class LoraModel(DeltaBase):
                 f"{type(module).__name__}. Choose its linear sub-modules instead.")
         in_features, out_features = self.module_sizes(name, module)
         cfg = self.config
-        layer = LoraLayer(in_features, out_features, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                          **self.factory_kwargs(module))
+        layer_class = QuantizedLoraLayer if is_quantized(module) else LoraLayer
+        layer = layer_class(in_features, out_features, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                            **self.factory_kwargs(module))
         self.insert_layer(name, layer)
