@@ -55,6 +55,7 @@ from .freezing import set_trainable_state_dict
 from .merge_layer import (_MERGE_STACK, MergeableLayer, Update, _check_not_tied, merged_backbone_tensors,
                           premerge_fingerprints, refresh_merged)
 from .protocol import DeltaModelProtocol
+from .quantized_merge import dequantize_modules
 
 __all__ = ["MergeMixin", "MergeableLayer", "Update", "merged_backbone_tensors", "premerge_fingerprints",
            "refresh_merged", "_MERGE_STACK"]
@@ -172,13 +173,20 @@ class MergeMixin:
             if getattr(layer, "merged", False):
                 layer.unmerge(host)
 
-    def merge_and_detach(self: DeltaModelProtocol) -> nn.Module:
+    def merge_and_detach(self: DeltaModelProtocol, dequantize: bool = False) -> nn.Module:
         """Merge this delta for good and remove every trace of it; returns the backbone.
 
         Afterwards the backbone is a plain model: no delta children, no hooks of this delta,
         no state-dict filter; BitFit biases missing from Linear / convolution / LayerNorm
         modules were created as new backbone parameters (``requires_grad`` as the module's
         weight). The delta object has no layers left and cannot be attached again.
+
+        Args:
+            dequantize: first turn every quantized Linear of the backbone (bitsandbytes,
+                torchao) into a full-precision ``nn.Linear`` (see
+                :func:`opendelta.core.quantized_merge.dequantize_modules`), so the merged
+                weights are exact: a full-precision model to export. Default ``False``:
+                quantized weights are requantized with the update (see that module).
         """
         if not self.lifecycle.attached:
             raise RuntimeError(f"{self.name!r} is detached; attach() it before merge_and_detach()")
@@ -187,6 +195,8 @@ class MergeMixin:
         _check_not_tied(self, [(name, [t for t, _ in layer.merge_updates(host)])
                                for name, host, layer in _merge_pairs(self)
                                if not layer.merged and layer.merge_problem(host) is None])
+        if dequantize:
+            dequantize_modules(self.backbone_model, [entry.layer for entry in self.layer_entries()])
         refresh_merged(self)
         for _, host, layer in _merge_pairs(self):
             if not layer.merged:
