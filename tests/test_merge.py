@@ -234,3 +234,87 @@ def test_merge_on_meta_device_and_half_precision():
     delta.merge(keep_copy=True)
     delta.unmerge()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
+
+
+# ------------------------------------------------------------------ merge state on the layers
+def test_merge_state_lives_on_the_layers_and_is_dropped_on_unmerge():
+    model, delta = _make("lora", "bert")
+    layer = delta.delta_layers()[0][1]
+    assert layer.merge_state == {} and not layer.merge_is_stale()
+    delta.merge()
+    state = layer.merge_state
+    assert state["host"] is model.get_submodule(delta.layer_entries()[0].host_name)
+    assert state["tensors"][0] is state["host"].weight and state["backup"] is None
+    assert set(state["snapshot"]) == {"lora_A", "lora_B"} and state["fingerprints"][0] is not None
+    with torch.no_grad():
+        layer.lora_B.add_(1.0)
+    assert layer.merge_is_stale()
+    delta.unmerge()
+    assert layer.merge_state == {} and not layer.merged
+
+
+def test_merge_brings_stale_layers_up_to_date():
+    """An optimizer step on a merged delta shows in the outputs after the next merge()."""
+    model, delta = _make("lora", "bert")
+    inputs = tm.example_inputs("bert")
+    delta.merge()
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.mul_(1.5)
+    stale = outputs(model, inputs)
+    delta.merge()
+    current = outputs(model, inputs)
+    delta.unmerge()
+    assert (outputs(model, inputs) - current).abs().max() <= ATOL
+    assert not torch.allclose(stale, current, atol=ATOL)
+
+
+def test_merge_and_detach_folds_the_current_values():
+    model, delta = _make("lora", "bert")
+    inputs = tm.example_inputs("bert")
+    delta.merge()
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.mul_(-1.0)
+    delta.unmerge()
+    expected = outputs(model, inputs)
+    delta.merge()
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.mul_(1.0)  # a write of the same values: nothing to re-merge
+    delta.merge_and_detach()
+    assert (outputs(model, inputs) - expected).abs().max() <= ATOL
+
+
+def test_attach_that_cannot_merge_again_stays_detached():
+    """attach() re-merges a delta detach() unmerged; if the weights were tied meanwhile, the
+    merge is refused and attach() leaves the delta detached (all or nothing)."""
+    model = tm.build("gpt2", "lm")
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied
+    delta = LoraModel(model, modified_modules=["lm_head"])
+    perturb(delta, std=0.2)
+    delta.merge()
+    delta.detach()
+    model.lm_head.weight = model.transformer.wte.weight  # tied again
+    hooks = _hook_count(model)
+    with pytest.raises(ValueError, match="tied weights"):
+        delta.attach()
+    assert not delta.is_attached and _hook_count(model) == hooks
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+
+
+def test_unmerging_the_first_of_two_merges_hands_over_its_fingerprint():
+    from opendelta.io.hashing import gen_model_hash
+
+    model = tm.build("bert", "lm")
+    clean = gen_model_hash(model)
+    first, second = LoraModel(model, name="first"), LoraModel(model, name="second")
+    perturb(first, seed=1)
+    perturb(second, seed=2)
+    first.merge()
+    second.merge()
+    second_layer = second.delta_layers()[0][1]
+    assert second_layer.merge_state["fingerprints"] == [None]  # the first merge recorded it
+    first.unmerge()
+    assert second_layer.merge_state["fingerprints"][0] is not None
+    assert gen_model_hash(model) == clean

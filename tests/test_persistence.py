@@ -1,5 +1,6 @@
 """save_finetuned / from_finetuned: exact round trips, file contents, hashing, atomic writes,
-strict loading and bad input (each failure leaves the backbone as it was)."""
+the one-format rule, strict loading and bad input (each failure leaves the backbone as it
+was). Fault injection at every file-system step: test_transactions.py."""
 import json
 import os
 import shutil
@@ -477,3 +478,44 @@ def test_save_function_writes_the_original_format(tmp_path):
     assert delta.create_default_name(model_path_public_name="bert-base", dataset="sst2") == "bert-base_lora_sst2"
     args = delta.create_delta_center_args({"train_tasks": "sst2"}, {"dataset_name": "glue", "train_tasks": "x"})
     assert args["train_tasks"] == "sst2" and args["train_datasets"] == "glue" and args["delta_type"] == "lora"
+
+
+# ------------------------------------------------------------------------------ one format per directory
+def test_a_save_replaces_every_checkpoint_file_of_the_directory(tmp_path):
+    """The documented rule: whatever format a save writes, the checkpoint files of the other
+    formats go, so a stale checkpoint can never be loaded; other files stay."""
+    model, delta = tuned("bert", "lora")
+    inputs = tm.example_inputs("bert")
+    path = delta.save_finetuned(tmp_path / "ckpt", save_function=torch.save)
+    open(os.path.join(path, "notes.txt"), "w").write("kept")
+    perturb(delta, seed=4)
+    expected = outputs(model, inputs)
+    delta.save_finetuned(path)
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors", "notes.txt"]
+    fresh = tm.build("bert", "lm")
+    LoraModel.from_finetuned(path, fresh)
+    assert torch.equal(outputs(fresh, inputs), expected)
+    # The low-level helper follows the same rule: weights only, the config goes with the rest.
+    weights = delta.save_checkpoint(path)
+    assert weights == os.path.join(path, "model.safetensors")
+    assert sorted(os.listdir(path)) == ["model.safetensors", "notes.txt"]
+    fresh = tm.build("bert", "lm")
+    again = LoraModel(fresh)
+    again.load_checkpoint(path)
+    assert torch.equal(outputs(fresh, inputs), expected)
+
+
+def test_two_weight_files_in_one_directory_are_refused(tmp_path):
+    """Written by hand (or by an old version that replaced files one by one): which is
+    current cannot be told, so nothing is loaded."""
+    _, delta = tuned("bert", "lora")
+    path = delta.save_finetuned(tmp_path / "ckpt")
+    torch.save(delta.checkpoint_state_dict(), os.path.join(path, "pytorch_model.bin"))
+    fresh = tm.build("bert", "lm")
+    before = snapshot(fresh)
+    message = r"holds checkpoints of 2 formats .*model.safetensors.*pytorch_model.bin"
+    with pytest.raises(CheckpointError, match=message):
+        LoraModel.from_finetuned(path, fresh)
+    with pytest.raises(CheckpointError, match=message):
+        delta.load_checkpoint(path)
+    assert_unchanged(fresh, before)

@@ -248,7 +248,13 @@ class MergeMixin:
                                "by merge_and_detach() and cannot be attached again")
 
     def _finish_attach(self: DeltaModelProtocol) -> None:
-        """Called at the end of ``attach()``: re-merge what ``detach()`` unmerged."""
+        """Called at the end of ``attach()``: re-merge what ``detach()`` unmerged. If that
+        merge is refused (e.g. the weights were tied meanwhile), the delta is detached
+        again, so that ``attach()`` is all or nothing."""
         if self.lifecycle.remerge_on_attach:
+            try:
+                self.merge(keep_copy=self.lifecycle.merge_keep_copy)
+            except Exception:
+                cast(Any, self).detach()
+                raise
             self.lifecycle.remerge_on_attach = False
-            self.merge(keep_copy=self.lifecycle.merge_keep_copy)

@@ -140,8 +140,8 @@ class SaveLoadMixin:
                 delta's nor a backbone parameter, raises :class:`CheckpointError`.
         """
         path = os.fspath(path)
-        if os.path.isdir(path):
-            prepare_to_read(path)
+        if not os.path.isfile(path):
+            prepare_to_read(path)  # leftovers of interrupted saves; two formats are refused
         file = weights_file(path) if os.path.isdir(path) else path
         tensors, _ = read_weights(file)
         legacy = file.endswith(".bin")
@@ -315,10 +315,12 @@ class SaveLoadMixin:
                 for another delta type or architecture, missing/unexpected keys. The
                 backbone is unchanged after any of these.
         """
+        prepare_to_read(finetuned_delta_path)  # leftovers of interrupted saves; two formats are refused
         directory = resolve_checkpoint_dir(finetuned_delta_path, cache_dir=cache_dir,
                                            local_files_only=local_files_only,
                                            force_download=force_download, revision=revision, token=token)
-        prepare_to_read(directory)  # leftovers of interrupted saves; two formats are refused
+        if os.path.realpath(directory) != os.path.realpath(os.fspath(finetuned_delta_path)):
+            prepare_to_read(directory)  # a Hub snapshot or a cache_dir copy
         if delta_config is None and not os.path.isfile(os.path.join(directory, CONFIG_NAME)) \
                 and os.path.isfile(os.path.join(directory, PEFT_CONFIG_NAME)):
             from .peft import load_peft_lora

@@ -33,6 +33,9 @@ def build_config(cls: type, config: Union[BaseDeltaConfig, Dict[str, Any]], sour
     delta_type = config.get("delta_type")
     if delta_type is None:
         delta_type = getattr(cls, "delta_type", "") or None
+    if delta_type is not None and not isinstance(delta_type, str):
+        raise CheckpointError(f"{source}: delta_type must be a string naming the method (e.g. 'lora'), "
+                              f"got {delta_type!r} ({type(delta_type).__name__})")
     if not delta_type:
         raise CheckpointError(f"{source} has no 'delta_type': it cannot tell which delta to build")
     if _own_class(cls, delta_type):
