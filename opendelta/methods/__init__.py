@@ -17,3 +17,6 @@ __all__ += ["CompacterConfig", "CompacterModel", "LowRankAdapterConfig", "LowRan
 
 from .ia3 import IA3Config, IA3Model  # noqa: E402
 __all__ += ["IA3Config", "IA3Model"]
+
+from .parameter_lora import ParameterLoraConfig, ParameterLoraModel  # noqa: E402
+__all__ += ["ParameterLoraConfig", "ParameterLoraModel"]
