@@ -71,9 +71,9 @@ def _moe(block: str = "mlp", router: str = "gate", shared: str = "", dense: bool
     return out
 
 
-def _decoder(attention: str = "llama", **moe: str) -> MoeMap:
+def _decoder(attention: str = "llama", router: str = "gate", shared: str = "", dense: bool = False) -> MoeMap:
     return {"embed_tokens": "embeddings", _BLOCK: _COMMON, **_attention(attention),
-            **_moe(**moe), "lm_head": "lm_head.proj"}  # type: ignore[arg-type]
+            **_moe(router=router, shared=shared, dense=dense), "lm_head": "lm_head.proj"}
 
 
 #: model_type -> map; merged into :data:`opendelta.core.structure_maps.COMMON_STRUCTURES`.
@@ -93,7 +93,7 @@ MOE_STRUCTURES: Dict[str, MoeMap] = {
     "glm4_moe": _decoder(shared="shared_experts", dense=True),
     "dots1": _decoder(shared="shared_experts", dense=True),
     "ernie4_5_moe": _decoder(shared="shared_experts", dense=True),
-    "solar_open": _decoder(shared="shared_experts", dense=True),
+    "solar_open": _decoder(shared="shared_experts"),
     "hunyuan_v1_moe": _decoder(shared="shared_mlp"),
 }
 
