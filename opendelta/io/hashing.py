@@ -45,19 +45,26 @@ def _hexdigest(hasher: "hashlib._Hash") -> str:
     return HASH_PREFIX + hasher.hexdigest()[:32]
 
 
-def _backbone_modules(model: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
-    """Named modules of ``model``, skipping delta layers and everything inside them."""
+def _backbone_modules(model: nn.Module, prefix: str = "", through_replacements: bool = False
+                      ) -> Iterator[Tuple[str, nn.Module]]:
+    """Named modules of ``model``, skipping delta layers and everything inside them; with
+    ``through_replacements``, a module replaced by a delta (``replace_module``) is seen as
+    the original, under its own name (the backbone as if no delta were there)."""
     yield prefix, model
     for name, child in model._modules.items():
-        if child is None or isinstance(child, DeltaLayer):
+        if isinstance(child, DeltaLayer):
+            child = child.__dict__.get("original") if through_replacements and child.replaces_child else None
+        if child is None:
             continue
-        yield from _backbone_modules(child, f"{prefix}.{name}" if prefix else name)
+        yield from _backbone_modules(child, f"{prefix}.{name}" if prefix else name, through_replacements)
 
 
-def backbone_parameters(model: nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
-    """``(name, parameter)`` of every non-delta parameter of ``model``, shared ones once."""
+def backbone_parameters(model: nn.Module, through_replacements: bool = False
+                        ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """``(name, parameter)`` of every non-delta parameter of ``model``, shared ones once
+    (``through_replacements``: see :func:`_backbone_modules`)."""
     seen = set()
-    for module_name, module in _backbone_modules(model):
+    for module_name, module in _backbone_modules(model, through_replacements=through_replacements):
         for name, param in module._parameters.items():
             if param is None or id(param) in seen:
                 continue
@@ -115,7 +122,7 @@ def gen_parameter_hash(parameters: Union[Mapping[str, torch.Tensor], Iterable[to
 
 def _structure_text(model: nn.Module) -> str:
     lines = []
-    for name, module in _backbone_modules(model):
+    for name, module in _backbone_modules(model, through_replacements=True):
         lines.append(f"{name}:{type(module).__name__}")
         for pname, param in module._parameters.items():
             if param is not None:
@@ -143,16 +150,16 @@ def gen_model_hash(model: nn.Module, with_parameters: bool = True,
     hasher.update(_structure_text(model).encode())
     if with_parameters:
         known: Dict[int, Fingerprint] = {}
-        for _, module in _backbone_modules(model):
+        for _, module in _backbone_modules(model, through_replacements=True):
             known.update(premerge_fingerprints(module))
-        _update_with_tensors(hasher, [(name, p) for name, p in backbone_parameters(model)
+        _update_with_tensors(hasher, [(name, p) for name, p in backbone_parameters(model, True)
                                       if name not in skip and p.device.type != "meta"], known)
     return _hexdigest(hasher)
 
 
 def has_meta_parameters(model: nn.Module) -> bool:
     """Whether any non-delta parameter of ``model`` lives on the ``meta`` device."""
-    return any(p.device.type == "meta" for _, p in backbone_parameters(model))
+    return any(p.device.type == "meta" for _, p in backbone_parameters(model, True))
 
 
 def is_comparable_hash(value: Optional[str]) -> bool:
