@@ -66,6 +66,11 @@ TABLE: Dict[str, MethodCase] = {
                               unsupported={arch: (ValueError, NO_TOKEN_EMBEDDING)
                                            for arch in ("vit", "clip", "whisper")}),
     "ia3": MethodCase(IA3Model, exact_at_init=True, mergeable=True, routable=True),
+    # LoRA's variants (options of LoraModel; maths and PEFT round trips: test_lora_variants.py).
+    "lora_dora": MethodCase(LoraModel, {"use_dora": True}, exact_at_init=True, mergeable=True, routable=True),
+    # The residual lives in the base weight, so rows routed elsewhere would see it: not routable;
+    # residual + adapter equals the weight within fp32 rounding, not bit for bit.
+    "lora_pissa": MethodCase(LoraModel, {"init_lora_weights": "pissa", "lora_r": 4}, mergeable=True),
 }
 
 #: method -> (class, constructor arguments): the short view older tests use.

@@ -15,13 +15,14 @@ PEFT trains whole (``modules_to_save``, e.g. a classifier head) are stored under
   ``AutoDeltaModel.from_finetuned`` and ``LoraModel.from_finetuned`` call it for a
   directory holding ``adapter_config.json`` and no ``config.json``.
 
-Variants our LoRA does not compute (DoRA, per-module ranks, LoRA on embeddings, trained
-biases, ...) are refused with a message naming the option.
+rsLoRA, DoRA, PiSSA and OLoRA travel both ways (:mod:`opendelta.io.peft_lora_variants`);
+PEFT IA3 adapters load through :mod:`opendelta.io.peft_ia3`. Options our LoRA does not
+compute (per-module ranks, LoRA on embeddings, trained biases, ...) are refused with a
+message naming the option.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type, Union
@@ -35,6 +36,7 @@ from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, prepar
 from ..core.shapes import is_conv1d_transposed
 from .state import trainable_backbone_tensors
 from .peft_ia3 import load_peft_ia3
+from .peft_lora_variants import MAGNITUDE_KEY, export_options, export_tensors, import_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.base import DeltaBase
@@ -42,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<host>.+)\.lora_(?P<which>A|B)\.weight$")
 #: adapter_config.json options whose non-default values our LoRA cannot reproduce.
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layer_replication": None,
+_UNSUPPORTED = {"lora_bias": False, "layer_replication": None,
                 "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
                 "alora_invocation_tokens": None}
 
@@ -83,8 +85,8 @@ def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"]
         host = backbone.get_submodule(host_name) if host_name else backbone
         conv1d = conv1d or is_conv1d_transposed(host)
         hosts.append(host_name)
-        tensors[f"{PREFIX}{host_name}.lora_A.weight"] = layer.lora_A
-        tensors[f"{PREFIX}{host_name}.lora_B.weight"] = layer.lora_B
+        for suffix, tensor in export_tensors(layer).items():  # variants: see peft_lora_variants.py
+            tensors[f"{PREFIX}{host_name}.{suffix}"] = tensor
     # Backbone modules left trainable travel whole, as PEFT's modules_to_save.
     trainable = trainable_backbone_tensors(delta)
     modules_to_save = sorted({name.rpartition(".")[0] for name in trainable})
@@ -108,6 +110,7 @@ def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"]
         "modules_to_save": modules_to_save or None,
         "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
     }
+    adapter_config.update(export_options(cfg))  # rank, alpha and the variant flags
     text = json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"
 
     def write_weights(target: str) -> None:
@@ -172,8 +175,7 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
         raise CheckpointError(f"{source}: {err}") from None
     r = int(config["r"])
     alpha = float(config.get("lora_alpha", 8))
-    if config.get("use_rslora"):
-        alpha = alpha * math.sqrt(r)  # PEFT scales by alpha / sqrt(r); ours by alpha / r
+    variant = import_options(config, source)  # use_rslora, use_dora, init_lora_weights
     file = _peft_weights_file(directory)
     raw, _ = read_weights(file)
 
@@ -183,14 +185,16 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
     for key, value in raw.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         match = _LORA_KEY.match(name)
-        if match:
+        if variant["use_dora"] and name.endswith("." + MAGNITUDE_KEY):
+            lora[f"{name[:-len(MAGNITUDE_KEY) - 1]}.M"] = value
+        elif match:
             host = match.group("host")
             if host not in hosts:
                 hosts.append(host)
             lora[f"{host}.{match.group('which')}"] = value
         elif "lora_" in name:
             raise CheckpointError(f"{file}: {key!r} is a LoRA tensor opendelta cannot load "
-                                  "(LoRA on embeddings, DoRA, ...)")
+                                  "(LoRA on embeddings, ...)")
         else:
             backbone_tensors[name.replace(".modules_to_save.default.", ".")] = value
     if not hosts:
@@ -204,7 +208,8 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
         # PEFT's modules_to_save were trained whole: freeze_module() keeps them trainable.
         heads = sorted({name.rpartition(".")[0] for name in backbone_tensors})
         delta = delta_class(backbone_model, modified_modules=list(hosts), unfrozen_modules=["deltas", *heads],
-                            lora_r=r, lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout", 0.0)))
+                            lora_r=r, lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout", 0.0)),
+                            **variant)
     except Exception as err:  # the failed construction took out what it inserted
         raise CheckpointError(f"{source}: cannot build the LoRA delta on "
                               f"{type(backbone_model).__name__}: {err}") from err
@@ -216,6 +221,8 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
                 delta.detach()
                 raise CheckpointError(f"{file}: {host}.lora_{which}.weight is missing")
             state[f"{host}.{child}.lora_{which}"] = lora[f"{host}.{which}"]
+        if variant["use_dora"] and f"{host}.M" in lora:  # DoRA's magnitude vector
+            state[f"{host}.{child}.{MAGNITUDE_KEY}"] = lora[f"{host}.M"]
     try:
         delta.load_delta_state_dict(state, strict=True, source=file)
     except Exception:

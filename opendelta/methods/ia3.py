@@ -14,10 +14,10 @@ These are PEFT's semantics (``IA3Config.feedforward_modules``), so PEFT IA3 adap
 and export without conversion (:mod:`opendelta.io.peft_ia3`).
 
 Merging folds ``l`` into the weight (and, for output scaling, the bias): ``W * l`` along the
-output rows or input columns. The merge is a product, not a sum, so it is taken out by
-dividing again (within fp32 rounding; bit for bit with ``merge(keep_copy=True)``), and only
-while no other delta was merged into the same weight afterwards (see
-:mod:`opendelta.methods.merge_order`). A vector with an entry equal to zero cannot be
+output rows or input columns, written by value as PEFT does. The merge is a product, not a
+sum, so it is taken out by dividing again (one fp32 rounding; bit for bit with
+``merge(keep_copy=True)``), and only while no other delta was merged into the same weight
+afterwards (see :mod:`opendelta.methods.merge_order`). A vector with an entry equal to zero cannot be
 divided out: ``merge()`` refuses it, ``merge_and_detach()`` (which never unmerges) accepts it.
 """
 from __future__ import annotations
@@ -33,11 +33,11 @@ from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
 from ..core.fields import boolean, string_list, validated
 from ..core.layers import DeltaLayer, primary_input, replace_primary_input
-from ..core.merging import MergeableLayer, Update
+from ..core.merging import MergeableLayer
 from ..core.registry import registered
 from ..core.shapes import is_conv1d_transposed, is_linear_like, leaf_sizes
 from ..core.structure import CommonStructureMap
-from .merge_order import check_unmerge_order
+from .merge_order import TargetMergeMixin, check_unmerge_order
 
 #: the common-structure names IA3 treats as feed-forward when ``feedforward_modules`` is None.
 DEFAULT_FEEDFORWARD = ["ff.w2"]
@@ -67,7 +67,7 @@ def _factor(vector: torch.Tensor, host: nn.Module, is_feedforward: bool) -> torc
     return vector.view(-1, 1) if along_rows else vector.view(1, -1)
 
 
-class IA3Layer(MergeableLayer, DeltaLayer):
+class IA3Layer(TargetMergeMixin, MergeableLayer, DeltaLayer):
     """The scaling vector of one Linear-like module.
 
     Shapes: ``ia3_l`` is ``[out_features]`` (output scaling) or ``[in_features]`` (input
@@ -113,25 +113,16 @@ class IA3Layer(MergeableLayer, DeltaLayer):
                     "again; use merge_and_detach() to fold it in for good")
         return None
 
-    def merge_updates(self, host: nn.Module, create_missing: bool = False) -> List[Update]:
-        """Increments ``W * l - W`` (and ``b * l - b`` for output scaling), computed in fp32
-        from the current weights; once merged, the increments that ``unmerge`` subtracts to
-        divide ``l`` out again."""
+    def merge_targets(self, host: nn.Module) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+        """``W * l`` (and ``b * l`` for output scaling) in fp32; once merged, ``W' / l``."""
         weight: nn.Parameter = host.weight  # type: ignore[assignment]
         pairs: List[Tuple[nn.Parameter, torch.Tensor]] = [(weight, _factor(self.ia3_l, host, self.is_feedforward))]
         bias = getattr(host, "bias", None)
         if not self.is_feedforward and isinstance(bias, nn.Parameter):
             pairs.append((bias, self.ia3_l))
-        updates: List[Update] = []
         with torch.no_grad():
-            for tensor, factor in pairs:
-                value, scale = tensor.detach().float(), factor.detach().float()
-                if self.merged:  # the tensor holds W * l: unmerge subtracts W * l - (W * l) / l
-                    increment = value - value / scale
-                else:
-                    increment = value * scale - value
-                updates.append((tensor, increment.to(tensor.dtype)))
-        return updates
+            return [(tensor, tensor.detach().float() / factor.detach().float() if self.merged
+                     else tensor.detach().float() * factor.detach().float()) for tensor, factor in pairs]
 
     def extra_repr(self) -> str:
         where = "input" if self.is_feedforward else "output"
