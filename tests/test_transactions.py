@@ -3,7 +3,9 @@ file-system step of a save, recovery of leftovers, the one-format rule, user fil
 
 A *kill* is simulated in a forked child that calls ``os._exit`` at the k-th step (no clean-up
 code runs, as with SIGKILL or a power cut); a *failure* raises ``OSError`` at the k-th step
-in-process. The steps are every ``os.replace``, ``os.fsync`` and ``os.link``, the atomic
+in-process. Three ways to switch are exercised: the atomic exchange, two renames (where the
+file system cannot exchange) and in place (a directory that cannot be renamed, e.g. a mount
+point). The steps are every ``os.replace``, ``os.fsync`` and ``os.link``, the atomic
 exchange, and the weights write (which leaves a half-written file). After each kill or
 failure the directory loads either the old checkpoint exactly or the new one exactly;
 after a failure that raised, the directory and its parent are unchanged.
@@ -22,6 +24,7 @@ from invariants import directory_state
 from opendelta import CheckpointError, LoraModel, save_peft_lora
 from opendelta.io import transaction
 from opendelta.io.transaction import leftovers, recover_directory, write_files_atomically
+from opendelta.io.transaction_inplace import inner_leftovers
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux",
                                 reason="kills are simulated with fork on Linux")
@@ -59,13 +62,17 @@ class Faults:
             return self._act(name)
         return step
 
-    def install(self, monkeypatch=None, exchange=True):
+    def install(self, monkeypatch=None, mode="exchange"):
+        """Patch every step; ``mode``: ``"exchange"`` (atomic exchange), ``"renames"`` (no
+        exchange: two renames) or ``"in-place"`` (a directory that cannot be renamed)."""
         targets = [(os, "replace", "os.replace"), (os, "fsync", "os.fsync"), (os, "link", "os.link"),
                    (safetensors.torch, "save_file", "write weights")]
         real_exchange = transaction._exchange
         patches = [(obj, attr, self.wrap(name, getattr(obj, attr))) for obj, attr, name in targets]
         patches.append((transaction, "_exchange",
-                        self.wrap("exchange", real_exchange if exchange else (lambda a, b: False))))
+                        self.wrap("exchange", real_exchange if mode == "exchange" else (lambda a, b: False))))
+        if mode == "in-place":
+            patches.append((transaction, "_needs_in_place", lambda directory: os.path.isdir(directory)))
         for obj, attr, value in patches:
             if monkeypatch is not None:
                 monkeypatch.setattr(obj, attr, value)
@@ -109,25 +116,25 @@ def _loads_as(path, pair):
     raise AssertionError(f"{path} loads neither the old nor the new checkpoint")
 
 
-def _count_steps(pair, tmp_path, exchange):
+def _count_steps(pair, tmp_path, mode):
     path = _old_checkpoint(pair, tmp_path / "dry")
     faults = Faults(at=0, kill=False)
     mp = pytest.MonkeyPatch()
     try:
-        faults.install(mp, exchange=exchange)
+        faults.install(mp, mode=mode)
         pair[1][1].save_finetuned(path)
     finally:
         mp.undo()
     return faults.count
 
 
-def _kill_child_at(step, save, exchange):
+def _kill_child_at(step, save, mode):
     pid = os.fork()
     if pid == 0:  # the child: no pytest, no clean-up; exits at the step or after the save
         code = 0
         try:
             torch.set_num_threads(1)
-            Faults(at=step, kill=True).install(exchange=exchange)
+            Faults(at=step, kill=True).install(mode=mode)
             save()
         except BaseException:  # noqa: BLE001 - reported through the exit code
             code = 1
@@ -145,33 +152,36 @@ def _kill_child_at(step, save, exchange):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
-def test_a_save_killed_at_every_step_leaves_the_old_or_the_new_checkpoint(pair, tmp_path, exchange):
-    steps = _count_steps(pair, tmp_path, exchange)
-    assert steps >= 9  # link, write, 3 fsyncs, commit rename, parent fsync, switch, retire, ...
+MODES = ["exchange", "renames", "in-place"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_save_killed_at_every_step_leaves_the_old_or_the_new_checkpoint(pair, tmp_path, mode):
+    steps = _count_steps(pair, tmp_path, mode)
+    assert steps >= 8  # write, fsyncs, commit rename, parent fsync, switch or moves, clean-up
     seen = set()
     for step in range(1, steps + 1):
         path = _old_checkpoint(pair, tmp_path / f"kill{step}")
-        code = _kill_child_at(step, lambda path=path: pair[1][1].save_finetuned(path), exchange)
+        code = _kill_child_at(step, lambda path=path: pair[1][1].save_finetuned(path), mode)
         assert code == 86, f"step {step}: the child was not killed (exit code {code})"
         seen.add(_loads_as(path, pair))  # the load recovers the leftovers first
-        assert leftovers(path) == []
+        assert leftovers(path) == [] and inner_leftovers(path) == []
         with open(os.path.join(path, "README.md"), "rb") as f:
             assert f.read() == README
         assert sorted(os.listdir(path)) == ["README.md", "config.json", "model.safetensors"]
     assert seen == {"old", "new"}  # kills before the switch keep the old, after it the new
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["atomic-exchange", "two-renames"])
-def test_a_save_failing_at_every_step_changes_nothing_or_completes(pair, tmp_path, monkeypatch, exchange):
-    steps = _count_steps(pair, tmp_path, exchange)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_save_failing_at_every_step_changes_nothing_or_completes(pair, tmp_path, monkeypatch, mode):
+    steps = _count_steps(pair, tmp_path, mode)
     outcomes = []
     for step in range(1, steps + 1):
         path = _old_checkpoint(pair, tmp_path / f"fail{step}")
         before = directory_state(path)
         faults = Faults(at=step, kill=False)
         with monkeypatch.context() as mp:
-            faults.install(mp, exchange=exchange)
+            faults.install(mp, mode=mode)
             try:
                 pair[1][1].save_finetuned(path)
             except Injected as err:
@@ -184,17 +194,17 @@ def test_a_save_failing_at_every_step_changes_nothing_or_completes(pair, tmp_pat
             assert _loads_as(path, pair) == "old"
         else:  # the fault hit a clean-up step after the switch: logged, recovered later
             assert _loads_as(path, pair) == "new"
-            assert leftovers(path) == []
+            assert leftovers(path) == [] and inner_leftovers(path) == []
         outcomes.append(outcome)
     assert "raised" in outcomes and "completed" in outcomes
 
 
 def test_a_first_save_killed_at_every_step_leaves_nothing_or_the_checkpoint(pair, tmp_path):
-    steps = _count_steps(pair, tmp_path, exchange=True)
+    steps = _count_steps(pair, tmp_path, "exchange")
     for step in range(1, steps + 1):
         path = str(tmp_path / f"first{step}" / "ckpt")
         os.makedirs(os.path.dirname(path))
-        _kill_child_at(step, lambda path=path: pair[1][1].save_finetuned(path), exchange=True)
+        _kill_child_at(step, lambda path=path: pair[1][1].save_finetuned(path), "exchange")
         recover_directory(path)
         if os.path.exists(path):
             assert _loads_as(path, pair) == "new"
@@ -264,3 +274,9 @@ def test_a_save_into_a_file_or_an_unwritable_parent_is_refused(pair, tmp_path):
             write_files_atomically(locked / "ckpt", {"config.json": lambda p: open(p, "w").close()})
     finally:
         os.chmod(locked, 0o700)
+
+
+def test_directories_that_cannot_be_renamed_are_saved_in_place(tmp_path):
+    assert transaction._needs_in_place("/")  # a mount point
+    assert not transaction._needs_in_place(str(tmp_path))
+    assert not transaction._needs_in_place(str(tmp_path / "absent"))

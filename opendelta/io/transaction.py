@@ -37,91 +37,37 @@ so a stale checkpoint of another format never stays next to the new one. Other f
 survive. A load that finds two formats in one directory refuses (see
 :func:`opendelta.io.files.check_single_format`).
 
+**In place** (:mod:`opendelta.io.transaction_inplace`): a directory that cannot be switched
+by a rename (a mount point, e.g. a container volume, or one whose parent is not writable) is
+saved by a committed hidden sub-directory whose files are then moved into place; recovery
+finishes an interrupted move before any load.
+
 One writer at a time per directory: two processes saving into the same directory at once
-are not supported (the later switch wins). The parent directory must be writable.
+are not supported (the later switch wins).
 """
+
 from __future__ import annotations
 
 import ctypes
 import errno
-import logging
 import os
 import shutil
 import sys
-import time
-import uuid
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
+from .fsops import (after_commit, attempt, fsync_dir, fsync_file, lock, new_ident, release,
+                    remove_path)
 from .names import CHECKPOINT_FILES, CheckpointError, PathLike
-
-try:  # POSIX advisory locks: tell leftovers from the siblings of a save in progress
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: every leftover is treated as abandoned
-    fcntl = None  # type: ignore[assignment]
-
-logger = logging.getLogger(__name__)
+from .transaction_inplace import is_inner_entry, recover_in_place, save_in_place
 
 _KINDS = ("tmp", "new", "old")
-_NO_FD = -1  # "unlocked" where the platform has no flock
+# Names the tests and callers use for the advisory lock of a sibling.
+_lock, _release = lock, release
 
 
-# =========================================================================== small helpers
-def fsync_file(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: str) -> None:
-    """fsync a directory, so that the entries created or renamed in it are durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
-def _lock(path: str) -> Optional[int]:
-    """A descriptor holding an exclusive flock on ``path``; ``None`` if a live save holds
-    it (or it vanished). Closing the descriptor releases the lock."""
-    if fcntl is None:  # pragma: no cover
-        return _NO_FD
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _release(fd: Optional[int]) -> None:
-    if fd is not None and fd != _NO_FD:
-        os.close(fd)
-
-
+# =========================================================================== names
 def _sibling(parent: str, base: str, kind: str, ident: str) -> str:
     return os.path.join(parent, f".{base}.opendelta-{kind}-{ident}")
-
-
-def _new_ident() -> str:
-    # Fixed-width time first: identifiers sort in creation order.
-    return f"{time.time_ns():016x}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def leftovers(directory: PathLike) -> List[Tuple[str, str]]:
@@ -144,8 +90,10 @@ def leftovers(directory: PathLike) -> List[Tuple[str, str]]:
 
 
 def is_stale_temporary(name: str) -> bool:
-    """A temporary file of an earlier per-file save (``.config.json.tmp-x``) inside a
-    checkpoint directory: never carried into a new checkpoint."""
+    """A temporary entry of an earlier save inside a checkpoint directory (a per-file
+    ``.config.json.tmp-x``, an in-place save's hidden sub-directory): never carried over."""
+    if is_inner_entry(name):
+        return True
     return name.startswith(".") and any(name.startswith(f".{f}.") for f in CHECKPOINT_FILES) \
         and (".tmp-" in name or name.endswith(".tmp"))
 
@@ -169,34 +117,46 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(code, os.strerror(code), a, None, b)
 
 
+def _needs_in_place(directory: str) -> bool:
+    """The directory cannot be switched by a rename: a mount point, or its parent is not
+    writable (then no sibling can be made)."""
+    if not os.path.isdir(directory):
+        return False
+    parent = os.path.dirname(directory)
+    return os.path.ismount(directory) or os.stat(parent).st_dev != os.stat(directory).st_dev \
+        or not os.access(parent, os.W_OK | os.X_OK)
+
+
 # =========================================================================== recovery
 def recover_directory(directory: PathLike) -> None:
     """Clean up the leftovers of interrupted saves of ``directory`` (see module docs);
-    restores the directory from a complete leftover when it is missing."""
+    restores the directory from a complete leftover when it is missing, and finishes an
+    interrupted in-place save."""
     directory = os.path.realpath(os.fspath(directory))
     parent = os.path.dirname(directory)
     held: List[int] = []
     try:
         free = []
         for kind, path in leftovers(directory):
-            fd = _lock(path)
+            fd = lock(path)
             if fd is None:  # a save in progress holds it
                 continue
             held.append(fd)
             free.append((kind, path))
-        if not free:
-            return
-        if not os.path.lexists(directory):
-            complete = [p for k, p in free if k == "new"] or [p for k, p in free if k == "old"]
-            if complete:
-                os.replace(complete[-1], directory)
-                free = [(k, p) for k, p in free if p != complete[-1]]
-        for _, path in free:
-            _remove(path)
-        fsync_dir(parent)
+        if free:
+            if not os.path.lexists(directory):
+                complete = [p for k, p in free if k == "new"] or [p for k, p in free if k == "old"]
+                if complete:
+                    os.replace(complete[-1], directory)
+                    free = [(k, p) for k, p in free if p != complete[-1]]
+            for _, path in free:
+                remove_path(path)
+            fsync_dir(parent)
     finally:
         for fd in held:
-            _release(fd)
+            release(fd)
+    if os.path.isdir(directory):
+        recover_in_place(directory)
 
 
 # =========================================================================== saving
@@ -217,7 +177,7 @@ def _carry(source: str, target: str, top: bool = True) -> None:
         else:
             try:
                 os.link(entry.path, destination)
-            except OSError:  # no hard links here (another device, FAT, ...)
+            except OSError:  # no hard links here (FAT, some network file systems)
                 shutil.copy2(entry.path, destination)
                 fsync_file(destination)
 
@@ -235,67 +195,54 @@ def _fill(tmp: str, directory: str, writers: Dict[str, Callable[[str], None]]) -
     fsync_dir(tmp)
 
 
-def _attempt(action: Callable[[], None]) -> bool:
-    try:
-        action()
-    except Exception:  # noqa: BLE001 - the caller reports the original error
-        return False
-    return True
-
-
-def _after_commit(action: Callable[[], None], what: str) -> None:
-    """Run a clean-up step after the switch: the save has succeeded, a failure here only
-    leaves a leftover that the next save or load removes."""
-    try:
-        action()
-    except Exception as err:  # noqa: BLE001 - logged, recovered later
-        logger.warning("checkpoint saved, but %s failed (%s); the next save or load cleans up", what, err)
-
-
 def _switch(new: str, directory: str, old: str) -> None:
     """Put the complete checkpoint ``new`` at ``directory`` (see module docs, step 4)."""
     parent = os.path.dirname(directory)
+    cwd = os.getcwd()
+    inside = cwd == directory or cwd.startswith(directory + os.sep)
     if not os.path.lexists(directory):
         try:
             os.replace(new, directory)
         except BaseException:
-            _remove(new)
+            remove_path(new)
             raise
-        _after_commit(lambda: fsync_dir(parent), "fsync of the parent directory")
+        after_commit(lambda: fsync_dir(parent), "fsync of the parent directory")
         return
-    old_lock = _lock(directory)  # keeps recovery by another process off the old copy
+    old_lock = lock(directory)  # keeps recovery by another process off the old copy
     try:
         try:
             exchanged = _exchange(new, directory)
         except BaseException:
-            _remove(new)
+            remove_path(new)
             raise
         if exchanged:  # ``new`` now names the old directory
             def retire() -> None:
                 try:
                     os.replace(new, old)
                 except OSError:
-                    _remove(new)
+                    remove_path(new)
                     raise
-                _remove(old)
-            _after_commit(retire, "removing the previous checkpoint")
+                remove_path(old)
+            after_commit(retire, "removing the previous checkpoint")
         else:
             try:
                 os.replace(directory, old)
             except BaseException:
-                _remove(new)
+                remove_path(new)
                 raise
             try:
                 os.replace(new, directory)
             except BaseException:
-                if _attempt(lambda: os.replace(old, directory)):  # rolled back
-                    _remove(new)
+                if attempt(lambda: os.replace(old, directory)):  # rolled back
+                    remove_path(new)
                 # else: the path is missing; the next save or load rolls ``new`` forward
                 raise
-            _after_commit(lambda: _remove(old), "removing the previous checkpoint")
+            after_commit(lambda: remove_path(old), "removing the previous checkpoint")
     finally:
-        _release(old_lock)
-    _after_commit(lambda: fsync_dir(parent), "fsync of the parent directory")
+        release(old_lock)
+    if inside:  # the process's working directory was the old directory (or inside it)
+        after_commit(lambda: os.chdir(cwd), "re-entering the working directory")
+    after_commit(lambda: fsync_dir(parent), "fsync of the parent directory")
 
 
 def write_files_atomically(directory: PathLike, writers: Dict[str, Callable[[str], None]]) -> str:
@@ -309,9 +256,9 @@ def write_files_atomically(directory: PathLike, writers: Dict[str, Callable[[str
         the absolute path of the directory.
 
     Raises:
-        CheckpointError: ``directory`` is a file, or its parent is not writable. Any error
-            of a writer or of the file system before the switch propagates with the
-            directory unchanged.
+        CheckpointError: ``directory`` is a file, or neither it nor its parent can be
+            written. Any error of a writer or of the file system before the switch
+            propagates with the directory unchanged.
     """
     directory = os.path.realpath(os.fspath(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -319,27 +266,29 @@ def write_files_atomically(directory: PathLike, writers: Dict[str, Callable[[str
     parent, base = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
     recover_directory(directory)
-    ident = _new_ident()
+    if _needs_in_place(directory):
+        return save_in_place(directory, writers)
+    ident = new_ident()
     tmp, new, old = (_sibling(parent, base, kind, ident) for kind in _KINDS)
     try:
         os.mkdir(tmp, 0o700)
     except PermissionError as err:
-        raise CheckpointError(f"cannot save to {directory}: its parent {parent} is not writable ({err}). "
-                              "A checkpoint is written next to its directory and switched into place by "
-                              "a rename; choose a directory whose parent you can write") from err
-    lock = _lock(tmp)
+        raise CheckpointError(f"cannot save to {directory}: its parent {parent} is not writable ({err}) "
+                              "and the directory does not exist yet; create it first (a checkpoint is "
+                              "then saved inside it) or choose a writable location") from err
+    fd = lock(tmp)
     try:
         try:
             _fill(tmp, directory, writers)
             os.replace(tmp, new)  # the commit of the content: ``new`` is a complete checkpoint
             fsync_dir(parent)
         except BaseException:
-            _remove(tmp)
-            _remove(new)
+            remove_path(tmp)
+            remove_path(new)
             raise
         _switch(new, directory, old)
     finally:
-        _release(lock)
+        release(fd)
     return directory
 
 
@@ -349,14 +298,14 @@ def write_file_atomically(path: PathLike, write: Callable[[str], None]) -> str:
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.tmp-{_new_ident()}")
+    tmp = os.path.join(parent, f".{name}.tmp-{new_ident()}")
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
-    _after_commit(lambda: fsync_dir(parent), "fsync of the parent directory")
+    after_commit(lambda: fsync_dir(parent), "fsync of the parent directory")
     return path
