@@ -248,7 +248,7 @@ class ParameterHandle(nn.Parameter):
     def __torch_function__(cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = dict(kwargs or {})
         handles = [a for a in (*args, *kwargs.values()) if isinstance(a, ParameterHandle)]
-        terms = peek_call_value(handles[0], ()) if handles else ()
+        terms = active_terms(handles[0]) if handles else ()
         if not terms:
             return _plain(func, *args, **kwargs)
         view = _plain(torch.Tensor.as_subclass, handles[0], torch.Tensor)
@@ -262,13 +262,27 @@ def _rebuild_handle(data: torch.Tensor, requires_grad: bool) -> ParameterHandle:
     return ParameterHandle(data, requires_grad)
 
 
+# The values pushed for a handle hold the handle itself: while a value exists (even one left
+# behind by a forward pass that raised), no other tensor can get the handle's id.
+def active_terms(handle: ParameterHandle) -> Tuple[Callable[[], Term], ...]:
+    """The term factories active on ``handle`` in this thread's forward pass of its module."""
+    value = peek_call_value(handle, None)
+    return value[1:] if value is not None and value[0] is handle else ()
+
+
 def activate(handle: ParameterHandle, term: Callable[[], Term]) -> None:
     """Make ``term()`` part of ``handle``'s weight until :func:`deactivate` (per forward pass)."""
-    push_call_value(handle, (*peek_call_value(handle, ()), term))
+    push_call_value(handle, (handle, *active_terms(handle), term))
 
 
 def deactivate(handle: ParameterHandle) -> None:
     pop_call_value(handle, None)
 
 
-__all__ = ["Term", "LowRankWeight", "ParameterHandle", "activate", "deactivate"]
+def clear(handle: ParameterHandle) -> None:
+    """Drop every term left on ``handle`` in this thread (after a forward pass that raised)."""
+    while pop_call_value(handle, None) is not None:
+        pass
+
+
+__all__ = ["Term", "LowRankWeight", "ParameterHandle", "activate", "deactivate", "active_terms", "clear"]

@@ -37,7 +37,7 @@ from torch import nn
 from ..core.addressing import closest_names, endswith_in
 from ..core.base import DeltaBase
 from ..core.config import BaseDeltaConfig
-from ..core.dispatch import attached_layers, peek_call_value, pop_call_value
+from ..core.dispatch import attached_layers
 from ..core.fields import integer, number, string_list, validated
 from ..core.layers import DeltaLayer, LayerEntry
 from ..core.merging import MergeableLayer, Update
@@ -47,7 +47,7 @@ from ..core.shapes import is_linear_like
 from ..core.structure_maps_moe import EXPERT_PARAMETERS
 from ..core.targets import candidate_modules, check_keys, is_excluded
 from .lora import LoraLayer, QuantizedLoraLayer
-from .low_rank_weights import ParameterHandle, Term, activate, deactivate
+from .low_rank_weights import ParameterHandle, Term, activate, active_terms, clear, deactivate
 
 
 @dataclass
@@ -145,9 +145,8 @@ class ParameterLoraLayer(MergeableLayer, DeltaLayer):
         for name, factors in self.factors().items():
             handle = self._handle(host, name)
             # A forward that raised between the hooks left this layer's term behind: drop it.
-            if any(getattr(t, "__self__", None) is factors for t in peek_call_value(handle, ())):
-                while pop_call_value(handle, None) is not None:
-                    pass
+            if any(getattr(t, "__self__", None) is factors for t in active_terms(handle)):
+                clear(handle)
             activate(handle, factors.term)
         return None
 
