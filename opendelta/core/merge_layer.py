@@ -211,7 +211,10 @@ def merged_backbone_tensors(model: nn.Module) -> Dict[int, str]:
 def _storage_key(tensor: torch.Tensor) -> Any:
     if tensor.device.type == "meta":
         return ("id", id(tensor))
-    return (tensor.device, tensor.untyped_storage().data_ptr())
+    try:
+        return (tensor.device, tensor.untyped_storage().data_ptr())
+    except RuntimeError:  # a wrapper tensor subclass without storage (torchao's quantized weights)
+        return ("id", id(tensor))
 
 
 def _check_not_tied(delta: DeltaModelProtocol, planned: Sequence[Tuple[str, Sequence[torch.Tensor]]]) -> None:
