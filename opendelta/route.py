@@ -15,12 +15,15 @@ is not part of the graph at all. Works in training and inference, and for ``gene
 when the routes cover the rows the model sees (``num_beams`` / ``num_return_sequences``
 multiply them: repeat each route accordingly).
 
-How it works: the dispatch hooks of every modified module (see
-:mod:`opendelta.core.layers`) group their layers by delta name, take the rows of that group
-from the module's inputs and output (``index_select`` on dimension 0), run the layers on
-those rows only, and write the results back with one ``index_copy`` / ``index_add`` per
-module. There is no Python loop over examples, only over the deltas present on a module.
-Layers offering ``routed_update`` (LoRA) contribute an additive update, the cheapest form.
+How it works (:mod:`opendelta.route_dispatch`): the dispatch hooks of every modified module
+group its layers by delta name. LoRA and the adapter family (Adapter, LowRankAdapter,
+Compacter, ParallelAdapter) run through batched kernels (:mod:`opendelta.batched_routing`):
+each row's factors are gathered from the deltas' parameters and all rows are computed with
+batched matrix products, a constant number of tensor operations per module however many
+deltas are routed (the BGMV scheme of Punica / S-LoRA). Other layers (BitFit, user layers,
+layers with ``batched_routing = False``) run per delta on that delta's rows
+(``index_select`` on dimension 0), written back with one ``index_copy`` / ``index_add``.
+There is never a Python loop over examples.
 
 Rules and limits:
 
@@ -44,17 +47,31 @@ Rules and limits:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .core.dispatch import current_routing, iter_delta_layers, routing_block
-from .core.layers import DeltaLayer, primary_tensor, replace_primary_tensor
+from .route_dispatch import MIXED, routed_post_hooks, routed_pre_hooks
 
-__all__ = ["route", "current_routes", "Routing"]
+__all__ = ["route", "current_routes", "Routing", "RowPlan"]
 
-_MIXED = object()  # Routing.uniform when the rows use different deltas
+
+class RowPlan(NamedTuple):
+    """The rows a batched kernel serves (see :meth:`Routing.plan`).
+
+    Attributes:
+        rows: their batch indices (int64), or ``None`` for every row in batch order.
+        slots: ``[P]`` int64, the delta (index into the plan's names) of each row.
+        slot_list: the same as a list.
+        sizes: the number of rows of each name.
+    """
+
+    rows: Optional[torch.Tensor]
+    slots: torch.Tensor
+    slot_list: List[int]
+    sizes: List[int]
 
 
 class Routing:
@@ -63,7 +80,7 @@ class Routing:
     ``size`` is ``None`` when a single name was given for the whole batch.
     """
 
-    __slots__ = ("routes", "size", "uniform", "_rows", "_tensors", "matched", "calls")
+    __slots__ = ("routes", "size", "uniform", "_rows", "_tensors", "_plans", "matched", "calls")
 
     def __init__(self, routes: Union[str, None, Sequence[Optional[str]]]):
         if routes is None or isinstance(routes, str):
@@ -79,13 +96,14 @@ class Routing:
             if not routes:
                 raise ValueError("routes is empty; give one delta name (or None) per batch row")
             self.routes, self.size = routes, len(routes)
-            self.uniform = routes[0] if all(r == routes[0] for r in routes) else _MIXED
+            self.uniform = routes[0] if all(r == routes[0] for r in routes) else MIXED
         rows: Dict[str, List[int]] = {}
         for i, r in enumerate(self.routes):
             if r is not None:
                 rows.setdefault(r, []).append(i)
         self._rows = rows
         self._tensors: Dict[Tuple[str, torch.device], torch.Tensor] = {}
+        self._plans: Dict[Tuple[Any, ...], RowPlan] = {}
         #: names that met at least one of their layers, and the number of routed hook calls.
         self.matched: set = set()
         self.calls = 0
@@ -94,9 +112,14 @@ class Routing:
     def names(self) -> List[str]:
         return list(self._rows)
 
+    @property
+    def routed_names(self) -> Dict[str, List[int]]:
+        """Name -> its rows (batch indices), for the names at least one row uses."""
+        return self._rows
+
     def selects(self, name: Optional[str]) -> Optional[bool]:
         """Whether every row (True), no row (False) or only some rows (None) use ``name``."""
-        if self.uniform is _MIXED:
+        if self.uniform is MIXED:
             if name in self._rows:
                 return None
             return False
@@ -124,6 +147,25 @@ class Routing:
         if tensor is None:
             tensor = self._tensors[key] = torch.tensor(self._rows[name], dtype=torch.long, device=device)
         return tensor
+
+    def plan(self, names: Tuple[str, ...], device: torch.device, grouped: bool = False) -> RowPlan:
+        """The rows routed to any of ``names`` and the index of each row's name: in batch
+        order, or (``grouped``) name by name, each name's rows in batch order. Computed once
+        per routing (every module of the model asks the same)."""
+        key = (names, device, grouped)
+        plan = self._plans.get(key)
+        if plan is None:
+            if grouped:
+                order = [i for name in names for i in self._rows[name]]
+                slot_list = [s for s, name in enumerate(names) for _ in self._rows[name]]
+            else:
+                position = {name: s for s, name in enumerate(names)}
+                order = [i for i, r in enumerate(self.routes) if r in position]
+                slot_list = [position[self.routes[i]] for i in order]
+            rows = None if order == list(range(len(self.routes))) else torch.tensor(order, device=device)
+            plan = self._plans[key] = RowPlan(rows, torch.tensor(slot_list, device=device), slot_list,
+                                              [len(self._rows[name]) for name in names])
+        return plan
 
 
 @contextlib.contextmanager
@@ -165,175 +207,3 @@ def current_routes() -> Optional[Tuple[Optional[str], ...]]:
     """The routes of the innermost active :func:`route` block, or ``None``."""
     routing = current_routing()
     return None if routing is None else routing.routes
-
-
-# --------------------------------------------------------------------------- dispatch
-def _grouped(host: nn.Module, names: Sequence[str]) -> Iterator[Tuple[str, List[DeltaLayer]]]:
-    """The host's layers grouped by delta name, each group in run order."""
-    groups: Dict[str, List[DeltaLayer]] = {}
-    for n in names:
-        layer = host._modules[n]
-        if layer.delta_name is None:
-            raise ValueError(f"delta layer {n!r} ({type(layer).__name__}) on {type(host).__name__} "
-                             "has no delta name, so it cannot be routed; insert it through a "
-                             "DeltaBase (which sets delta_name) or detach it while routing")
-        groups.setdefault(layer.delta_name, []).append(layer)
-    return iter(groups.items())
-
-
-def _check_batch(host: nn.Module, tensor: torch.Tensor, routing: Routing, what: str) -> None:
-    if routing.size is not None and (tensor.dim() == 0 or tensor.shape[0] != routing.size):
-        raise ValueError(
-            f"opendelta.route got {routing.size} routes but {type(host).__name__}'s {what} has "
-            f"shape {tuple(tensor.shape)}; routing needs every modified module to see the batch "
-            f"in dimension 0 with one row per route (repeat routes for beams / returned sequences)")
-
-
-def _check_routable(host: nn.Module, name: str, layers: Sequence[DeltaLayer]) -> None:
-    for layer in layers:
-        if not layer.supports_routing:
-            raise ValueError(
-                f"{type(layer).__name__} of delta {name!r} on {type(host).__name__} cannot run on "
-                "a subset of the batch (it changes the sequence length); route the whole batch "
-                "to it with opendelta.route(name), or detach it while mixing deltas")
-
-
-def _slice(value: Any, rows: torch.Tensor, size: int) -> Any:
-    # Batch tensors have >= 2 dims; 1-D tensors (cache_position, ...) are left whole.
-    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == size:
-        return value.index_select(0, rows)
-    return value
-
-
-def _slice_call(args: Tuple[Any, ...], kwargs: Dict[str, Any], rows: torch.Tensor, size: int
-                ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-    return (tuple(_slice(a, rows, size) for a in args),
-            {k: _slice(v, rows, size) for k, v in kwargs.items()})
-
-
-def _uniform_layers(host: nn.Module, names: Sequence[str], routing: Routing) -> List[DeltaLayer]:
-    target = routing.uniform
-    layers = [host._modules[n] for n in names]
-    for layer in layers:
-        if layer.delta_name is None:
-            list(_grouped(host, names))  # raises the explained error
-    chosen = [layer for layer in layers if target is not None and layer.delta_name == target]
-    if chosen:
-        routing.matched.add(target)
-    return chosen
-
-
-def routed_post_hooks(host: nn.Module, names: Sequence[str], args: Tuple[Any, ...],
-                      kwargs: Dict[str, Any], output: Any, routing: Routing) -> Any:
-    """Post-hook dispatch under routing: each group of layers sees only its rows."""
-    routing.calls += 1
-    if routing.uniform is not _MIXED:
-        if routing.size is not None:
-            _check_batch(host, primary_tensor(output), routing, "output")
-        for layer in _uniform_layers(host, names, routing):
-            output = layer.post_forward(host, args, kwargs, output)
-        return output
-    hidden = primary_tensor(output)
-    _check_batch(host, hidden, routing, "output")
-    size = routing.size
-    copy_rows, copy_parts, add_rows, add_parts = [], [], [], []
-    for name, layers in _grouped(host, names):
-        rows = routing.rows(name, hidden.device)
-        if rows is None:
-            continue
-        _check_routable(host, name, layers)
-        routing.matched.add(name)
-        sub_args, sub_kwargs = _slice_call(args, kwargs, rows, size)
-        if len(layers) == 1 and hasattr(layers[0], "routed_update"):
-            # Additive layer (LoRA): only its update of these rows is computed and added.
-            add_rows.append(rows)
-            add_parts.append(layers[0].routed_update(host, sub_args, sub_kwargs).to(hidden.dtype))
-            continue
-        sub_out = replace_primary_tensor(output, hidden.index_select(0, rows))
-        for layer in layers:
-            sub_out = layer.post_forward(host, sub_args, sub_kwargs, sub_out)
-        new = primary_tensor(sub_out)
-        if new.shape[1:] != hidden.shape[1:] or new.shape[0] != rows.numel():
-            raise ValueError(f"delta {name!r} changes the shape of {type(host).__name__}'s output "
-                             f"({tuple(hidden.shape[1:])} -> {tuple(new.shape[1:])} per row), so it "
-                             "cannot be routed per example")
-        copy_rows.append(rows)
-        copy_parts.append(new.to(hidden.dtype))
-    if not copy_parts and not add_parts:
-        return output
-    # One copy of the host's output (it may be saved for backward or be someone's view),
-    # then each group's rows written in place: no concatenated temporaries.
-    hidden = hidden.clone()
-    for rows, part in zip(copy_rows, copy_parts):
-        hidden.index_copy_(0, rows, part)
-    for rows, part in zip(add_rows, add_parts):
-        hidden.index_add_(0, rows, part)
-    return replace_primary_tensor(output, hidden)
-
-
-def routed_pre_hooks(host: nn.Module, names: Sequence[str], args: Tuple[Any, ...],
-                     kwargs: Dict[str, Any], routing: Routing):
-    """Pre-hook dispatch under routing: each group changes only its rows of the inputs."""
-    routing.calls += 1
-    if routing.uniform is not _MIXED:
-        changed = False
-        for layer in _uniform_layers(host, names, routing):
-            result = layer.pre_forward(host, args, kwargs)
-            if result is not None:
-                args, kwargs = result
-                changed = True
-        return (args, kwargs) if changed else None
-    size = routing.size
-    batch = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() >= 2]
-    if not batch:
-        raise ValueError(f"opendelta.route: {type(host).__name__} was called without a batch "
-                         "tensor (>= 2 dims), so its rows cannot be routed")
-    _check_batch(host, batch[0], routing, "input")
-    device = batch[0].device
-    # position (int index or keyword) -> [(rows, new rows)]
-    updates: Dict[Union[int, str], List[Tuple[torch.Tensor, torch.Tensor]]] = {}
-    for name, layers in _grouped(host, names):
-        rows = routing.rows(name, device)
-        if rows is None:
-            continue
-        _check_routable(host, name, layers)
-        routing.matched.add(name)
-        sub_args, sub_kwargs = _slice_call(args, kwargs, rows, size)
-        new_args, new_kwargs, changed = sub_args, sub_kwargs, False
-        for layer in layers:
-            result = layer.pre_forward(host, new_args, new_kwargs)
-            if result is not None:
-                new_args, new_kwargs = result
-                changed = True
-        if not changed:
-            continue
-        if len(new_args) != len(sub_args) or set(new_kwargs) != set(sub_kwargs):
-            raise ValueError(f"delta {name!r} changes which arguments {type(host).__name__} receives, "
-                             "so it cannot be routed per example")
-        pairs = [(i, sub_args[i], new_args[i]) for i in range(len(sub_args))]
-        pairs += [(k, sub_kwargs[k], new_kwargs[k]) for k in sub_kwargs]
-        for key, old, new in pairs:
-            if new is old:
-                continue
-            full = args[key] if isinstance(key, int) else kwargs[key]
-            if (not isinstance(new, torch.Tensor) or old is full
-                    or new.shape != old.shape):
-                raise ValueError(f"delta {name!r} changes the argument {key!r} of "
-                                 f"{type(host).__name__} in a way that cannot be routed per "
-                                 "example (only per-row changes of batch tensors can)")
-            updates.setdefault(key, []).append((rows, new))
-    if not updates:
-        return None
-    args, kwargs = list(args), dict(kwargs)
-    for key, parts in updates.items():
-        full = args[key] if isinstance(key, int) else kwargs[key]
-        new = full.index_copy(0, _cat([r for r, _ in parts]), _cat([v.to(full.dtype) for _, v in parts]))
-        if isinstance(key, int):
-            args[key] = new
-        else:
-            kwargs[key] = new
-    return tuple(args), kwargs
-
-
-def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
