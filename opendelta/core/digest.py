@@ -6,6 +6,7 @@ import hashlib
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 class Fingerprint(NamedTuple):
@@ -31,7 +32,17 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def tensor_digest(tensor: torch.Tensor) -> bytes:
-    """SHA-256 digest (32 bytes) of the raw bytes of ``tensor``."""
+    """SHA-256 digest (32 bytes) of the raw bytes of ``tensor``; for a wrapper tensor subclass
+    (torchao's quantized weights), of the digests of the tensors it is made of, in order."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        hasher = hashlib.sha256()
+        for name in names:
+            inner = getattr(tensor, name)
+            if inner is not None:
+                hasher.update(name.encode())
+                hasher.update(tensor_digest(inner))
+        return hasher.digest()
     return hashlib.sha256(tensor_bytes(tensor)).digest()
 
 
