@@ -49,9 +49,14 @@ def safetensors_layout(path):
     return header_len, data
 
 
+def delta_class(name):
+    """The class of a case-table row (``lora_dora`` is a LoraModel) or of a delta_type."""
+    return TABLE[name].cls if name in TABLE else get_delta_class(name)
+
+
 def tuned(arch, delta_type, task="lm", **kwargs):
     model = tm.build(arch, task)
-    delta = get_delta_class(delta_type)(model, **kwargs)
+    delta = delta_class(delta_type)(model, **kwargs)
     delta.freeze_module()
     perturb(delta)
     return model, delta
@@ -85,7 +90,7 @@ def test_exact_round_trip_and_file_contents(tmp_path, arch, delta_type):
 
     fresh = tm.build(arch)
     fresh.train()
-    loaded = get_delta_class(delta_type).from_finetuned(path, fresh)
+    loaded = delta_class(delta_type).from_finetuned(path, fresh)
     assert not fresh.training  # documented: from_finetuned puts the backbone in eval mode
     assert type(loaded) is type(delta)
     assert torch.equal(outputs(fresh, inputs), expected)
