@@ -87,15 +87,16 @@ def test_import_of_a_peft_adapter_gives_identical_outputs(tmp_path, arch, rslora
 
 
 def test_unsupported_peft_options_are_refused_and_backbone_unchanged(tmp_path):
-    config = peft.LoraConfig(r=4, target_modules=["query"], use_dora=True)
-    peft.get_peft_model(tm.build("bert", "cls"), config).save_pretrained(tmp_path / "dora")
+    # An option opendelta does not implement (LoRA's bias training) is refused by name.
+    config = peft.LoraConfig(r=4, target_modules=["query"], bias="lora_only")
+    peft.get_peft_model(tm.build("bert", "cls"), config).save_pretrained(tmp_path / "bias")
     backbone = tm.build("bert", "cls")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    with pytest.raises(CheckpointError, match="use_dora=True is not supported"):
-        load_peft_lora(tmp_path / "dora", backbone)
+    with pytest.raises(CheckpointError, match="bias"):
+        load_peft_lora(tmp_path / "bias", backbone)
     (tmp_path / "ia3").mkdir()
-    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(CheckpointError, match="peft_type 'IA3' is not LORA"):
+    (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(CheckpointError, match="peft_type 'LOHA'"):
         AutoDeltaModel.from_finetuned(tmp_path / "ia3", backbone)
     # An adapter made for another model: keys do not fit, nothing is left behind.
     peft.get_peft_model(tm.build("llama", "cls"), peft.LoraConfig(r=4, target_modules=["q_proj"])) \

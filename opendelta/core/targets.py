@@ -27,6 +27,8 @@ def check_keys(keys: Sequence[str], field: str) -> List[str]:
     """
     if isinstance(keys, str):
         raise TypeError(f"{field} must be a list of names, not the string {keys!r}; write [{keys!r}]")
+    if not isinstance(keys, (list, tuple)):
+        raise TypeError(f"{field} must be a list of module names, got {keys!r} ({type(keys).__name__})")
     out = []
     for key in keys:
         if not isinstance(key, str):
