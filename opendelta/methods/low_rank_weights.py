@@ -134,27 +134,34 @@ def _left_product(weight: LowRankWeight, x: torch.Tensor, op: Callable[..., torc
     return out
 
 
-def _grouped_rows(x: torch.Tensor, offs: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(group of each row of x, mask of rows inside a group)`` for grouped-mm offsets."""
-    rows = torch.arange(x.shape[0], device=x.device)
-    group = torch.bucketize(rows, offs.to(rows.dtype), right=True)
-    inside = group < groups
-    return group.clamp(max=groups - 1), inside
+def _grouped_term(func: Any, x: torch.Tensor, term: Term, offs: torch.Tensor) -> torch.Tensor:
+    """``x @ L[g] @ R[g] * s`` for the rows of each group ``g``: two grouped products through
+    the same function (``[G, d1, r]`` then ``[G, r, d2]``); where it refuses the factors'
+    dtype or shape, a loop over the groups."""
+    x = x.to(term.left.dtype)
+    try:
+        low = _plain(func, x, term.left, offs=offs)
+        return _plain(func, low, term.right, offs=offs) * term.scaling
+    except (RuntimeError, NotImplementedError, TypeError):
+        out = x.new_zeros(x.shape[0], term.right.shape[-1])
+        start = 0
+        for group, end in enumerate(offs.tolist()):
+            if end > start:
+                out[start:end] = x[start:end] @ term.left[group] @ term.right[group] * term.scaling
+            start = end
+        return out
 
 
 def _grouped(func: Any, args: List[Any], kwargs: Dict[str, Any]) -> Any:
     """A grouped mm ``out[rows of group g] = x[rows] @ W[g]`` with ``W`` a :class:`LowRankWeight`
-    ``[G, d1, d2]``: the base through ``func`` itself, each term per row by gathering its
-    factors (``[S, d1, r]``: no ``[G, d1, d2]`` tensor)."""
+    ``[G, d1, d2]``: the base through ``func`` itself, each term as two grouped products of
+    rank ``r`` (no ``[G, d1, d2]`` tensor, nothing per row)."""
     x, weight = args[0], args[1]
     offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
     base_args = [weight._base_value if a is weight else a for a in args]
     out = _plain(func, *base_args, **kwargs)
-    group, inside = _grouped_rows(x, offs, weight._base_value.shape[0])
     for term in weight._terms:
-        low = torch.bmm(x.to(term.left.dtype).unsqueeze(1), term.left[group])  # [S, 1, r]
-        part = torch.bmm(low, term.right[group]).squeeze(1) * term.scaling  # [S, d2]
-        out = out + (part * inside.unsqueeze(-1)).to(out.dtype)
+        out = out + _grouped_term(func, x, term, offs).to(out.dtype)
     return out
 
 
