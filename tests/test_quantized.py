@@ -339,3 +339,16 @@ def test_import_opendelta_imports_neither_bitsandbytes_nor_torchao():
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[]", "True"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_options_are_read_from_quantized_layers(backend, saved):
+    from opendelta.core.shapes import tensor_options
+
+    model = load(saved, "llama", backend, dtype=torch.bfloat16)
+    q_proj = model.model.layers[0].self_attn.q_proj  # no bias: only the quantized weight tells
+    options = tensor_options(q_proj)
+    assert options["device"] == torch.device("cpu")
+    assert options.get("dtype") == {"nf4": torch.bfloat16, "int8": None, "torchao": torch.bfloat16}[backend]
+    assert tensor_options(q_proj, torch.float32)["dtype"] == torch.float32
+    assert tensor_options(model.model.layers[0])["dtype"] == torch.bfloat16  # its norms

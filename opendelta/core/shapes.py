@@ -160,3 +160,35 @@ def probe_sizes(backbone: nn.Module, names: Iterable[str]) -> Dict[str, Sizes]:
         raise RuntimeError(f"the dummy forward ({source}) never reached {missing}; cannot infer their "
                            "sizes; set backbone_model.dummy_inputs to an input that runs through them")
     return found
+
+
+def tensor_options(module: nn.Module, delta_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    """``device`` and ``dtype`` for new delta tensors on ``module``, read from the module itself,
+    quantized layers included (nothing is dequantized).
+
+    ``device``: that of its first parameter or buffer of any dtype (a 4-bit weight is uint8,
+    an 8-bit one int8: they still tell the device). ``dtype``: ``delta_dtype`` when given,
+    else that of its first unquantized floating parameter, else the dtype its quantized
+    weight was made from (bitsandbytes 4-bit, torchao), else none (torch's default).
+    """
+    from .quantized_merge import weight_codec
+
+    device: Optional[torch.device] = None
+    floating: Optional[torch.dtype] = None
+    recorded: Optional[torch.dtype] = None
+    for sub in module.modules():
+        codec = weight_codec(sub)
+        if codec is not None and recorded is None:
+            recorded = codec.original_dtype(sub)
+        for name, tensor in [*sub._parameters.items(), *sub._buffers.items()]:
+            if tensor is None:
+                continue
+            device = device or tensor.device
+            quantized = codec is not None and name == "weight"
+            if floating is None and not quantized and tensor.is_floating_point():
+                floating = tensor.dtype
+    out: Dict[str, Any] = {"device": device} if device is not None else {}
+    dtype = delta_dtype or floating or recorded
+    if dtype is not None:
+        out["dtype"] = dtype
+    return out
