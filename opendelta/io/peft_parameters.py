@@ -34,13 +34,15 @@ from torch import nn
 
 from ..core.registry import get_delta_class
 from ..core.targets import candidate_modules
-from .files import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_weights, write_files_atomically
-from .peft import PREFIX, read_peft_config
+from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object, read_weights,
+                    write_files_atomically)
 from .state import trainable_backbone_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.base import DeltaBase
 
+#: prefix of every key in a PEFT adapter file (as in :mod:`opendelta.io.peft`, which may delegate here).
+PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+?)(?P<nest>(?:\.base_layer)*)\.lora_(?P<which>A|B)\.weight$")
 #: adapter_config.json options whose non-default values parameter LoRA cannot reproduce.
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "layer_replication": None, "use_qalora": False,
@@ -152,7 +154,7 @@ def load_peft_parameter_lora(directory: Union[str, "os.PathLike[str]"], backbone
     """
     directory = os.fspath(directory)
     source = os.path.join(directory, PEFT_CONFIG_NAME)
-    config = read_peft_config(directory)
+    config = read_json_object(source, "not a PEFT adapter directory")
     r, alpha = _check_config(config, source)
     file = next((os.path.join(directory, n) for n in (PEFT_WEIGHTS_NAME, "adapter_model.bin")
                  if os.path.isfile(os.path.join(directory, n))), None)
