@@ -196,6 +196,7 @@ def merge_errors() -> List[Dict[str, Any]]:
     out = []
     for scheme, load in loaders.items():
         model = load().eval()
+        torch.manual_seed(0)  # LoRA's A: the same draw for every scheme
         delta = LoraModel(model, modified_modules=["query", "value"], lora_r=8, lora_alpha=16)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -203,12 +204,21 @@ def merge_errors() -> List[Dict[str, Any]]:
                 layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
                 update = (layer.lora_B @ layer.lora_A * layer.scaling).norm()
                 layer.lora_B.mul_(0.01 * _float_weight(model.get_submodule(host_name)).norm() / update)
+        hosts = {e.host_name: (model.get_submodule(e.host_name), e.layer) for e in delta.layer_entries()}
+        before = {name: _float_weight(host) for name, (host, _) in hosts.items()}
         delta.merge()
         report = merge_report(model).values()
+        # How much of the update the stored weights carry: <D(new) - D(old), dW> / |dW|^2.
+        retained = []
+        with torch.no_grad():
+            for name, (host, layer) in hosts.items():
+                update = layer.delta_weight().float()
+                retained.append(float(((_float_weight(host) - before[name]) * update).sum() / (update * update).sum()))
         out.append({"scheme": scheme, "modules": len(report),
                     "weight_error": max(e.weight for e in report), "bound": max(e.bound for e in report),
                     "output_error": max(e.output for e in report),
-                    "relative": max(e.weight / e.weight_scale for e in report)})
+                    "relative": max(e.weight / e.weight_scale for e in report),
+                    "retained": (min(retained), max(retained))})
     return out
 
 
@@ -233,7 +243,8 @@ def main(argv: List[str] = None) -> int:
         for line in merge_errors():
             print(f"{line['scheme']:<20} modules {line['modules']}  max |weight error| {line['weight_error']:.3g} "
                   f"(bound {line['bound']:.3g})  max |output change| {line['output_error']:.3g}  "
-                  f"relative {line['relative']:.2%}")
+                  f"relative {line['relative']:.2%}  "
+                  f"update retained {line['retained'][0]:.0%}-{line['retained'][1]:.0%}")
         return 0
     print(format_table(run(Settings.make(args.smoke))))
     return 0

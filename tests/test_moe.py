@@ -40,7 +40,7 @@ def _dense_reference(reference, delta):
     """Add every update of ``delta`` by hand to the weights of ``reference`` (a copy of the
     backbone taken before the delta was built)."""
     with torch.no_grad():
-        for host_name, child, layer in delta.layer_entries():
+        for host_name, _, layer in delta.layer_entries():
             host = reference.get_submodule(host_name)
             if isinstance(layer, ParameterLoraLayer):
                 for name, f in layer.factors().items():
