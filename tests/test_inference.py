@@ -169,6 +169,41 @@ def test_architectures_with_their_maps_hidden(arch):
     assert resolve(model, keys, [], inferred, uses_defaults=True) == resolve(model, keys, [], real, uses_defaults=True)
 
 
+class InferringLora(LoraModel):
+    """LoRA whose structure map falls back on inference: what DeltaBase._structure_map does
+    once the fallback is wired in (see the issue-16 report)."""
+
+    def _structure_map(self):
+        return CommonStructureMap.load(self.backbone_model) or infer_structure(self.backbone_model)
+
+
+def test_default_targets_through_the_inferred_map_train_save_and_load(tmp_path):
+    from opendelta import IA3Model
+
+    torch.manual_seed(0)
+    model, ids = ToyNet(), torch.randint(0, 50, (2, 5))
+    delta = InferringLora(model)  # no modified_modules: the defaults, through the inferred map
+    assert [h for h, _, _ in delta.layer_entries()] == [f"trunk.{i}.mix.{n}" for i in range(3)
+                                                        for n in ("toQuery", "toValue")]
+    delta.freeze_module()
+    with torch.no_grad():
+        for p in delta.parameters():
+            p.add_(0.1)
+    expected = model(ids)
+    path = delta.save_finetuned(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    fresh = ToyNet()
+    InferringLora.from_finetuned(path, fresh)
+    assert torch.equal(fresh(ids), expected)
+
+    class InferringIA3(IA3Model):
+        _structure_map = InferringLora._structure_map
+
+    ia3 = InferringIA3(ToyNet())  # keys, values and the feed-forward down projection's input
+    assert ia3.feedforward_names() == [f"trunk.{i}.churn.narrow" for i in range(3)]
+    assert len(ia3.layer_entries()) == 9
+
+
 def test_visualization_draws_the_inferred_map():
     model = ToyNet(layers=2)
     LoraModel(model, modified_modules=["toQuery"])
