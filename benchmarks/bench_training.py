@@ -44,6 +44,15 @@ def _peft_lora(targets: List[str]) -> Callable[[torch.nn.Module], torch.nn.Modul
     return setup
 
 
+def _peft_prompt(tokens: int) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    def setup(model: torch.nn.Module) -> torch.nn.Module:
+        from peft import PromptTuningConfig, TaskType, get_peft_model
+
+        # SEQ_CLS keeps the classifier trainable (modules_to_save), as the other cases do.
+        return get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=tokens))
+    return setup
+
+
 def _full(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
@@ -67,6 +76,7 @@ def cases() -> List[Tuple[str, str, Optional[Callable]]]:
         ("Adapter (defaults)", "opendelta", _ours("AdapterModel")),
         ("Prefix (defaults)", "opendelta", _ours("PrefixModel")),
         ("SoftPrompt (defaults, 100 tokens)", "opendelta", _ours("SoftPromptModel")),
+        ("SoftPrompt (defaults, 100 tokens)", "peft", _peft_prompt(100)),
     ]
 
 
