@@ -12,7 +12,7 @@ import pytest
 
 import tiny_models as tm
 from opendelta import (AdapterModel, BitFitModel, CompacterModel, IA3Model, LoraModel, LowRankAdapterModel,
-                       ParallelAdapterModel, PrefixModel, SoftPromptModel)
+                       ParallelAdapterModel, ParameterLoraModel, PrefixModel, SoftPromptModel)
 
 #: soft tokens used on the tiny models (they have 64 positions; 100 is tried elsewhere).
 PROMPT = 4
@@ -66,6 +66,9 @@ TABLE: Dict[str, MethodCase] = {
                               unsupported={arch: (ValueError, NO_TOKEN_EMBEDDING)
                                            for arch in ("vit", "clip", "whisper")}),
     "ia3": MethodCase(IA3Model, exact_at_init=True, mergeable=True, routable=True),
+    # LoRA on named parameters and modules; on these models (no fused experts) its default
+    # targets are attention's (MoE models: tests/test_moe.py).
+    "parameter_lora": MethodCase(ParameterLoraModel, exact_at_init=True, mergeable=True, routable=True),
     # LoRA's variants (options of LoraModel; maths and PEFT round trips: test_lora_variants.py).
     "lora_dora": MethodCase(LoraModel, {"use_dora": True}, exact_at_init=True, mergeable=True, routable=True),
     # The residual lives in the base weight, so rows routed elsewhere would see it: not routable;
