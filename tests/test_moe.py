@@ -284,3 +284,24 @@ def test_bad_parameter_targets_are_refused_with_the_fix():
         ParameterLoraModel(model, modified_modules=["self_attn.q_proj"], target_parameters=["q_proj.weight"])
     assert not any(isinstance(p, ParameterHandle) for p in model.parameters())
     assert not any(".lora" in n for n, _ in model.named_modules())
+
+
+def test_a_forward_that_raises_leaves_no_update_switched_on(monkeypatch):
+    model = tmoe.build("mixtral")
+    delta = ParameterLoraModel(model, modified_modules=[], target_parameters=["experts.gate_up_proj"])
+    _randomize(delta)
+    batch = tmoe.inputs()
+    out = _logits(model, batch)
+    experts = model.model.layers[1].mlp.experts
+    original = type(experts).forward
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(type(experts), "forward", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(**batch)  # layer 0's hooks ran in full; layer 1's pre-hook pushed, its post-hook never ran
+    monkeypatch.setattr(type(experts), "forward", original)
+    assert torch.equal(_logits(model, batch), out)
+    delta.detach()
+    assert torch.equal(_logits(model, batch), _logits(tmoe.build("mixtral"), batch))
