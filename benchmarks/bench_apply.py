@@ -1,5 +1,5 @@
-"""(c) time to apply a delta: a Llama-2-7B-sized model on the meta device, and a BERT-large
-with real (random) weights, opendelta next to PEFT's ``get_peft_model``.
+"""(c) time to apply a delta: Llama-2-7B- and OPT-6.7B-sized models on the meta device, and a
+BERT-large with real (random) weights, opendelta next to PEFT's ``get_peft_model``.
 
 Each model is built once (not timed); opendelta's cases are applied and detached again for
 every round, PEFT's applied and ``unload()``-ed. The median of the rounds is reported.
@@ -28,6 +28,19 @@ def _llama(smoke: bool) -> torch.nn.Module:
                                 num_attention_heads=32, vocab_size=32000)
     with torch.device("meta"):
         return tf.LlamaForCausalLM(config)
+
+
+def _opt(smoke: bool) -> torch.nn.Module:
+    import transformers as tf
+
+    if smoke:
+        config = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                              vocab_size=100, word_embed_proj_dim=64)
+    else:  # OPT-6.7B
+        config = tf.OPTConfig(hidden_size=4096, ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32,
+                              vocab_size=50272, word_embed_proj_dim=4096)
+    with torch.device("meta"):
+        return tf.OPTForCausalLM(config)
 
 
 def _bert_large(smoke: bool) -> torch.nn.Module:
@@ -60,9 +73,10 @@ def run(settings: Settings) -> List[Row]:
 
     from opendelta import AdapterModel, LoraModel
 
-    rounds = 1 if settings.smoke else 3
+    rounds = 1 if settings.smoke else 3 * settings.repeats
     rows: List[Row] = []
     for label, build, targets in (("Llama-2-7B config, meta device", _llama, ["q_proj", "v_proj"]),
+                                  ("OPT-6.7B config, meta device", _opt, ["q_proj", "v_proj"]),
                                   ("BERT-large, real weights", _bert_large, ["query", "value"])):
         model = build(settings.smoke)
         n_params = sum(p.numel() for p in model.parameters())

