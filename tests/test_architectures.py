@@ -21,28 +21,17 @@ from opendelta.core.dispatch import iter_delta_layers
 
 ARCHS = tm.NEW_ARCH_NAMES
 GENERATORS = ["whisper", "gemma3_text", "phi3", "qwen3"]
-#: core/shapes.py sizes an attention block by its last sized leaf: Qwen3's and Gemma 3's
-#: k_norm ([head_dim]) and Phi-3's fused qkv_proj (registered after o_proj), so the default
-#: ParallelAdapter pair around "attn" gets a wrong output width (fix requested in the report).
-PARALLEL_ATTN_SIZES = {("parallel_adapter", a) for a in ("gemma3_text", "phi3", "qwen3")}
-
-
-_DEFECT = pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError),
-                            reason="core/shapes.py: static_sizes of an attention block with q/k norms "
-                                   "or a fused qkv_proj registered last")
 
 
 def cases(method_names=None, archs=ARCHS, unsupported=False, forward=True):
     """``(method, arch)`` params of the rows on ``archs`` (with the unsupported pairs if asked);
-    in tests that run the model (``forward``) the known defect above is a strict xfail, so
-    its fix shows up."""
+    ``forward`` is kept for callers; every pair runs."""
     out = []
     for method in method_names or list(TABLE):
         for arch in archs:
             if (method, arch) in UNSUPPORTED and not unsupported:
                 continue
-            marks = [_DEFECT] if forward and (method, arch) in PARALLEL_ATTN_SIZES else []
-            out.append(pytest.param(method, arch, id=f"{method}-{arch}", marks=marks))
+            out.append(pytest.param(method, arch, id=f"{method}-{arch}"))
     return out
 
 

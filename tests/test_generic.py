@@ -177,3 +177,13 @@ def test_outputs_of_real_positions_change(method, arch):
     delta = build(method, model)
     perturb(delta, std=0.2)
     assert not torch.allclose(real_positions(outputs(model, inputs), method, arch), base)
+
+
+def test_delta_dtype_is_recorded_and_restored(tmp_path):
+    model = tm.build("llama", "lm").to(torch.bfloat16)
+    delta = build("lora", model, delta_dtype=torch.float32)
+    path = delta.save_finetuned(tmp_path / "ckpt")
+    fresh = tm.build("llama", "lm").to(torch.bfloat16)
+    loaded = AutoDeltaModel.from_finetuned(path, fresh)
+    assert loaded.delta_dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())

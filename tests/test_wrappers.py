@@ -37,7 +37,7 @@ def _tower_outputs(model, arch_a, arch_b):
 
 def _config(method):
     case = TABLE[method]
-    return AutoDeltaConfig.from_dict({"delta_type": method, **case.kwargs})
+    return AutoDeltaConfig.from_dict({"delta_type": case.cls.delta_type, **case.kwargs})
 
 
 @pytest.mark.parametrize("arch", ARCHS)

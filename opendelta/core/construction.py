@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import BaseDeltaConfig
+from .shapes import tensor_options
 
 SUPPORTED_BACKENDS = ("hf",)
 
@@ -118,12 +119,10 @@ def build_from_config(cls: Any, config: Any, backbone_model: nn.Module, kwargs: 
 
 
 def new_tensor_options(module: nn.Module, delta_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
-    """``device`` and ``dtype`` for new delta tensors on ``module``: those of its first
-    floating parameter, the dtype overridden by ``delta_dtype`` when given."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            return {"device": p.device, "dtype": delta_dtype or p.dtype}
-    return {"dtype": delta_dtype} if delta_dtype is not None else {}
+    """``device`` and ``dtype`` for new delta tensors on ``module`` (quantized layers
+    included), the dtype overridden by ``delta_dtype`` when given; see
+    :func:`opendelta.core.shapes.tensor_options`."""
+    return tensor_options(module, delta_dtype)
 
 
 def backbone_name_or_path(model: nn.Module) -> Optional[str]:

@@ -68,11 +68,15 @@ def static_sizes(module: nn.Module) -> Optional[Sizes]:
         return own
     from .layers import DeltaLayer
 
-    sized = [s for m in module.modules() if not isinstance(m, DeltaLayer)
+    sized = [(m, s) for m in module.modules() if not isinstance(m, DeltaLayer)
              and not isinstance(m, nn.Embedding) and (s := leaf_sizes(m)) is not None]
     if not sized:
         return None
-    return sized[0][0], sized[-1][1]
+    width = sized[0][1][0]
+    # A block that maps back to its input width (attention, feed-forward) has a projection
+    # that does so; registration order may put norms (q/k norms) or a fused qkv last.
+    back = [s for m, s in sized if is_linear_like(m) and s[1] == width]
+    return width, (back[-1] if back else sized[-1][1])[1]
 
 
 def dummy_inputs_of(backbone: nn.Module) -> Tuple[Tuple[Any, ...], Dict[str, Any], str]:

@@ -7,15 +7,19 @@ below it. Delta layers, and what is inside them, are never candidates.
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
 
 from .addressing import REGEX_PREFIX, closest_names, endswith_in, is_child_key, is_regex_key, strip_regex_marker
+from .inference import StructureInferenceError, infer_structure
 from .layers import DeltaLayer
 from .structure import model_type_of, structure_map_for
 from .structure_maps import COMMON_STRUCTURES
+
+logger = logging.getLogger(__name__)
 
 
 def check_keys(keys: Sequence[str], field: str) -> List[str]:
@@ -205,12 +209,19 @@ def unknown_architecture_message(owner: str, model: nn.Module) -> str:
 
 
 def required_structure_map(owner: str, backbone: nn.Module) -> Any:
-    """The common-structure map of ``backbone`` (its own, or over the known backbones it
-    holds), or a ValueError saying what was searched and how to name modules instead."""
+    """The common-structure map of ``backbone``: its own, one over the known backbones it
+    holds, or one inferred from its module types and names (logged as a table); else a
+    ValueError saying what was searched, what inference missed, and how to name modules."""
     mapping = structure_map_for(backbone, skip=(DeltaLayer,))
-    if mapping is None:
-        raise ValueError(unknown_architecture_message(owner, backbone))
-    return mapping
+    if mapping is not None:
+        return mapping
+    try:
+        inferred = infer_structure(backbone)
+    except StructureInferenceError as err:
+        raise ValueError(f"{unknown_architecture_message(owner, backbone)} Inferring the structure from "
+                         f"module types and names failed too: {err}") from None
+    logger.info("%s: inferred the common structure of %s:\n%s", owner, type(backbone).__name__, inferred.summary())
+    return inferred
 
 
 def tower_keys(backbone: nn.Module, keys: Sequence[str]) -> Dict[str, str]:

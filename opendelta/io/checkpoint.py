@@ -51,6 +51,7 @@ from .files import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME, SAVE_ID_
 from .hashing import gen_model_hash, has_meta_parameters
 from .hub import push_checkpoint_to_hub, resolve_checkpoint_dir
 from .loading import build_config, check_backbone_hash, class_for, lora_class_for
+from .peft import load_peft_lora, read_peft_config
 from .state import (canonical_prefixes, delta_tensors, load_delta_tensors, rename_prefix,
                     trainable_backbone_tensors)
 
@@ -59,6 +60,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
+
+#: config.json key recording ``delta_dtype`` (e.g. ``"float32"``).
+DELTA_DTYPE_KEY = "delta_dtype"
+
+
+def _dtype_named(name: Any, source: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{source}: delta_dtype {name!r} is not a floating torch dtype")
+    return dtype
 
 
 def _legacy_writer(save_function: Callable[..., Any], tensors: Dict[str, torch.Tensor]) -> Callable[[str], None]:
@@ -277,6 +288,9 @@ class SaveLoadMixin:
         if not sharded:
             config.extra[STRUCTURE_HASH_KEY] = gen_model_hash(backbone, with_parameters=False)
         config.extra.update(library_versions())
+        config.extra.pop(DELTA_DTYPE_KEY, None)
+        if self.delta_dtype is not None:  # rebuilt in the same dtype by from_finetuned
+            config.extra[DELTA_DTYPE_KEY] = str(self.delta_dtype).replace("torch.", "")
         config.extra.pop(SAVE_ID_KEY, None)
         return config
 
@@ -323,9 +337,9 @@ class SaveLoadMixin:
             prepare_to_read(directory)  # a Hub snapshot or a cache_dir copy
         if delta_config is None and not os.path.isfile(os.path.join(directory, CONFIG_NAME)) \
                 and os.path.isfile(os.path.join(directory, PEFT_CONFIG_NAME)):
-            from .peft import load_peft_lora
-
-            delta = load_peft_lora(directory, backbone_model, delta_class=lora_class_for(cls))
+            delta_class = lora_class_for(cls, read_peft_config(directory))  # refuses another method's class
+            delta = load_peft_lora(directory, backbone_model,
+                                   delta_class=delta_class if delta_class.delta_type == "lora" else None)
             backbone_model.eval()
             return delta
         config_source = os.path.join(directory, CONFIG_NAME)
@@ -358,6 +372,9 @@ class SaveLoadMixin:
             check_backbone_hash(backbone_model, config, tensors, strict_hash, config_source)
 
         try:  # a construction that fails takes out what it inserted (DeltaBase.__init__)
+            saved_dtype = config.extra.get(DELTA_DTYPE_KEY)
+            if saved_dtype is not None and "delta_dtype" not in overrides:
+                overrides = {**overrides, "delta_dtype": _dtype_named(saved_dtype, config_source)}
             delta = delta_class.from_config(config, backbone_model, **overrides)
         except Exception as err:
             saved = config.backbone_class

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import nn
@@ -65,12 +65,24 @@ def class_for(cls: type, config: BaseDeltaConfig, source: str) -> type:
     return cls if getattr(cls, "delta_type", "") and issubclass(cls, delta_class) else delta_class
 
 
-def lora_class_for(cls: type) -> type:
-    lora = get_delta_class("lora")
-    if getattr(cls, "delta_type", "") and not issubclass(cls, lora):
-        raise CheckpointError(f"the directory holds a PEFT LoRA adapter ({PEFT_CONFIG_NAME}); load it "
-                              "with LoraModel.from_finetuned or AutoDeltaModel.from_finetuned")
-    return cls if getattr(cls, "delta_type", "") else lora
+def lora_class_for(cls: type, peft_config: Optional[Dict[str, Any]] = None) -> type:
+    """The class that loads a PEFT adapter directory for ``cls.from_finetuned``: LoRA, IA3
+    (``peft_type`` IA3) or parameter LoRA (``target_parameters``).
+
+    Raises:
+        CheckpointError: ``cls`` is another method than the adapter's.
+    """
+    config = peft_config or {}
+    if str(config.get("peft_type", "")).upper() == "IA3":
+        wanted, label = get_delta_class("ia3"), "IA3"
+    elif config.get("target_parameters"):
+        wanted, label = get_delta_class("parameter_lora"), "LoRA-on-parameters"
+    else:
+        wanted, label = get_delta_class("lora"), "LoRA"
+    if getattr(cls, "delta_type", "") and not issubclass(cls, wanted):
+        raise CheckpointError(f"the directory holds a PEFT {label} adapter ({PEFT_CONFIG_NAME}); load it "
+                              f"with {wanted.__name__}.from_finetuned or AutoDeltaModel.from_finetuned")
+    return cls if getattr(cls, "delta_type", "") else wanted
 
 
 def check_backbone_hash(backbone: nn.Module, config: BaseDeltaConfig, tensors: Dict[str, torch.Tensor],

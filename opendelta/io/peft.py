@@ -35,7 +35,8 @@ from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, prepar
                                read_weights, write_files_atomically)
 from ..core.shapes import is_conv1d_transposed
 from .state import trainable_backbone_tensors
-from .peft_ia3 import load_peft_ia3
+from .peft_ia3 import load_peft_ia3, save_peft_ia3
+from .peft_parameters import load_peft_parameter_lora, save_peft_parameter_lora
 from .peft_lora_variants import MAGNITUDE_KEY, export_options, export_tensors, import_options
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,8 +76,13 @@ def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"]
     Returns:
         the absolute path of the directory.
     """
+    if delta.delta_type == "ia3":  # PEFT's IA3 format: see peft_ia3.py
+        return save_peft_ia3(delta, directory, base_model_name_or_path)
+    if delta.delta_type == "parameter_lora":  # LoRA with target_parameters: see peft_parameters.py
+        return save_peft_parameter_lora(delta, directory, base_model_name_or_path)
     if delta.delta_type != "lora":
-        raise TypeError(f"only LoRA deltas have a PEFT format; this is a {delta.delta_type!r} delta")
+        raise TypeError(f"only LoRA, IA3 and parameter LoRA deltas have a PEFT format; this is a "
+                        f"{delta.delta_type!r} delta")
     backbone = delta.backbone_model
     hosts: List[str] = []
     tensors: Dict[str, torch.Tensor] = {}
@@ -153,6 +159,8 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
     config = read_peft_config(directory)
     if str(config.get("peft_type", "")).upper() == "IA3":  # PEFT's IA3 adapters: see peft_ia3.py
         return load_peft_ia3(directory, backbone_model)
+    if config.get("target_parameters"):  # LoRA on parameters (MoE experts): see peft_parameters.py
+        return load_peft_parameter_lora(directory, backbone_model)
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise CheckpointError(f"{source}: peft_type {config.get('peft_type')!r} is not LORA; only "
                               "PEFT LoRA adapters can be loaded")
