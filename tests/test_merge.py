@@ -318,3 +318,35 @@ def test_unmerging_the_first_of_two_merges_hands_over_its_fingerprint():
     first.unmerge()
     assert second_layer.merge_state["fingerprints"][0] is not None
     assert gen_model_hash(model) == clean
+
+
+def test_merge_refuses_to_jump_over_a_non_additive_layer():
+    """A merged LoRA acts inside its host, i.e. before every unmerged layer on it: it may only
+    be merged when the layers running before it commute with that (additive ones do)."""
+    model = tm.build("bert", "lm")
+    inputs = tm.example_inputs("bert")
+    adapter = AdapterModel(model, modified_modules=["attention.output.dense"], name="adapter")
+    lora = LoraModel(model, modified_modules=["attention.output.dense"], name="lora")
+    perturb(adapter, std=0.2)
+    perturb(lora, std=0.2, seed=1)
+    expected = outputs(model, inputs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="AdapterLayer of delta 'adapter' runs before it"):
+        lora.merge()
+    assert not lora.is_merged and torch.equal(outputs(model, inputs), expected)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # Additive layers before it (BitFit, another LoRA) commute: merging is exact.
+    model2 = tm.build("bert", "lm")
+    bitfit = BitFitModel(model2, modified_modules=["attention.output.dense"], name="bias")
+    lora2 = LoraModel(model2, modified_modules=["attention.output.dense"], name="lora")
+    perturb(bitfit, std=0.2)
+    perturb(lora2, std=0.2, seed=1)
+    expected2 = outputs(model2, inputs)
+    lora2.merge()
+    assert (outputs(model2, inputs) - expected2).abs().max() <= ATOL
+    # Once the adapter is detached the LoRA merges, and the adapter comes back after it.
+    adapter.detach()
+    lora.merge(keep_copy=True)
+    adapter.attach()
+    lora.unmerge()
+    assert torch.equal(outputs(model, inputs), expected)

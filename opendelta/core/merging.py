@@ -46,11 +46,12 @@ refuse, since nothing in their forward would use it.
 """
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Tuple, cast
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
 
+from .dispatch import HOST_POST
 from .freezing import set_trainable_state_dict
 from .merge_layer import (_MERGE_STACK, MergeableLayer, Update, _check_not_tied, merged_backbone_tensors,
                           premerge_fingerprints, refresh_merged)
@@ -80,9 +81,26 @@ def _check_mergeable(delta: DeltaModelProtocol, create_missing: bool = False) ->
                 f"{type(delta).__name__} cannot be merged: its {type(layer).__name__} on "
                 f"{host_name!r} is not a linear re-parameterisation of the module "
                 "(only LoRA and BitFit deltas merge); keep it unmerged or detach it")
-        problem = layer.merge_problem(host, create_missing)
+        problem = layer.merge_problem(host, create_missing) or _order_problem(host, layer)
         if problem:
             raise ValueError(f"cannot merge {delta.name!r} into {host_name!r}: {problem}")
+
+
+def _order_problem(host: nn.Module, layer: Any) -> Optional[str]:
+    """Why folding ``layer`` into ``host``'s weights would change the outputs: a merged layer
+    acts inside the host, i.e. before every layer still run by the host's forward hook, so an
+    unmerged layer running before it must commute with adding to the output."""
+    run: Sequence[str] = host.__dict__.get(HOST_POST, ())
+    children: Dict[str, Any] = host._modules
+    for name in run:
+        earlier = children[name]
+        if earlier is layer:
+            return None
+        if not getattr(earlier, "output_additive", False):
+            return (f"the {type(earlier).__name__} of delta {earlier.delta_name!r} runs before it on that module "
+                    "and does not commute with a change of the module's weights; merge or detach that delta "
+                    "first, or keep this one unmerged")
+    return None
 
 
 def _state_dict_problems(module: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> List[str]:

@@ -37,6 +37,9 @@ class BiasLayer(MergeableLayer, DeltaLayer):
     host has none, only ``merge_and_detach`` creates one (see :mod:`opendelta.core.merging`).
     """
 
+    #: adds to the host's output: commutes with a merge into the host (see core/merging.py)
+    output_additive = True
+
     #: module types whose forward reads ``self.bias``, so a created bias takes effect.
     BIAS_READERS = (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm)
 

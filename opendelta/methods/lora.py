@@ -69,6 +69,9 @@ class LoraLayer(MergeableLayer, DeltaLayer):
     ``[in, out]``), see :mod:`opendelta.core.merging`.
     """
 
+    #: adds to the host's output: commutes with a merge into the host (see core/merging.py)
+    output_additive = True
+
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16,
                  dropout: float = 0.0, device: Any = None, dtype: Any = None, *, use_rslora: bool = False,
                  init_lora_weights: Any = True):
@@ -195,6 +198,8 @@ class DoraLayer(TargetMergeMixin, LoraLayer):
     take it out again; like every product it comes out only while no other delta was merged
     into the weight afterwards (:mod:`opendelta.methods.merge_order`).
     """
+
+    output_additive = False  # rescales the host's output by the weight norm
 
     #: the update is not ``scaling * B @ A @ x``: routing runs it per delta (its own
     #: ``routed_update``), never in the batched LoRA kernel.

@@ -87,6 +87,9 @@ class ParallelAdapterLayer(BottleneckLayer):
 class ParallelAdapterOutput(DeltaLayer):
     """Adds the result of its pair's :class:`ParallelAdapterLayer` to the host's output."""
 
+    #: adds a value computed from another module's input: commutes with a merge
+    output_additive = True
+
     def __init__(self, adapter: ParallelAdapterLayer, source_name: str):
         super().__init__()
         # A plain reference, not a child: the adapter's parameters belong to its own host.
