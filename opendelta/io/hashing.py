@@ -72,8 +72,7 @@ def _sample(tensor: torch.Tensor) -> bytes:
     hasher = hashlib.blake2b(digest_size=16)
     if tensor.device.type == "cpu":
         raw = tensor_bytes(tensor)  # a view of the tensor's memory when contiguous
-        for start in ([0] if small else _sample_starts(nbytes)):
-            hasher.update(raw[start:start + (nbytes if small else _SAMPLE_BYTES)])
+        hasher.update(raw if small else b"".join(raw[o:o + _SAMPLE_BYTES] for o in _sample_starts(nbytes)))
         return hasher.digest()
     flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
     if not small:  # the same bytes, gathered on the device first
@@ -126,27 +125,36 @@ def _backbone_modules(model: nn.Module, prefix: str = "", through_replacements: 
                       ) -> Iterator[Tuple[str, nn.Module]]:
     """Named modules of ``model``, skipping delta layers and everything inside them; with
     ``through_replacements``, a module replaced by a delta (``replace_module``) is seen as
-    the original, under its own name (the backbone as if no delta were there)."""
-    yield prefix, model
-    for name, child in model._modules.items():
-        if isinstance(child, DeltaLayer):
-            child = child.__dict__.get("original") if through_replacements and child.replaces_child else None
-        if child is None:
-            continue
-        yield from _backbone_modules(child, f"{prefix}.{name}" if prefix else name, through_replacements)
+    the original, under its own name (the backbone as if no delta were there). Pre-order,
+    as ``named_modules``; iterative (no generator per level)."""
+    stack: List[Tuple[str, nn.Module]] = [(prefix, model)]
+    while stack:
+        name, module = stack.pop()
+        yield name, module
+        children = []
+        for child_name, child in module._modules.items():
+            if isinstance(child, DeltaLayer):
+                child = child.__dict__.get("original") if through_replacements and child.replaces_child else None
+            if child is not None:
+                children.append((f"{name}.{child_name}" if name else child_name, child))
+        stack.extend(reversed(children))
+
+
+def _parameters_of(modules: Iterable[Tuple[str, nn.Module]]) -> Iterator[Tuple[str, torch.Tensor]]:
+    seen = set()
+    for module_name, module in modules:
+        for name, param in module._parameters.items():
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            yield (f"{module_name}.{name}" if module_name else name), param
 
 
 def backbone_parameters(model: nn.Module, through_replacements: bool = False
                         ) -> Iterator[Tuple[str, torch.Tensor]]:
     """``(name, parameter)`` of every non-delta parameter of ``model``, shared ones once
     (``through_replacements``: see :func:`_backbone_modules`)."""
-    seen = set()
-    for module_name, module in _backbone_modules(model, through_replacements=through_replacements):
-        for name, param in module._parameters.items():
-            if param is None or id(param) in seen:
-                continue
-            seen.add(id(param))
-            yield (f"{module_name}.{name}" if module_name else name), param
+    return _parameters_of(_backbone_modules(model, through_replacements=through_replacements))
 
 
 def _update_with_tensors(hasher: "hashlib._Hash", named: Iterable[Tuple[str, torch.Tensor]],
@@ -201,9 +209,9 @@ def gen_parameter_hash(parameters: Union[Mapping[str, torch.Tensor], Iterable[to
     return _hexdigest(hasher) if own else hasher.hexdigest()
 
 
-def _structure_text(model: nn.Module) -> str:
+def _structure_text(modules: Iterable[Tuple[str, nn.Module]]) -> str:
     lines = []
-    for name, module in _backbone_modules(model, through_replacements=True):
+    for name, module in modules:
         lines.append(f"{name}:{type(module).__name__}")
         for pname, param in module._parameters.items():
             if param is not None:
@@ -227,13 +235,14 @@ def gen_model_hash(model: nn.Module, with_parameters: bool = True,
         ``"sha256:<32 hex digits>"``.
     """
     skip = set(skip_parameters)
+    modules = list(_backbone_modules(model, through_replacements=True))  # walked once
     hasher = _new_hasher()
-    hasher.update(_structure_text(model).encode())
+    hasher.update(_structure_text(modules).encode())
     if with_parameters:
         known: Dict[int, Fingerprint] = {}
-        for _, module in _backbone_modules(model, through_replacements=True):
+        for _, module in modules:
             known.update(premerge_fingerprints(module))
-        _update_with_tensors(hasher, [(name, p) for name, p in backbone_parameters(model, True)
+        _update_with_tensors(hasher, [(name, p) for name, p in _parameters_of(modules)
                                       if name not in skip and p.device.type != "meta"], known)
     return _hexdigest(hasher)
 
