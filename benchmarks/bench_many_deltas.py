@@ -10,7 +10,10 @@ shape (hidden 1024, feed-forward 2816, 4 layers, 16 heads), LoRA r=16 on q/k/v/o
 For each K both libraries hold the same K LoRAs (random, opendelta's weights copied into
 PEFT's) and run the same batch twice: every row through delta 0 (*single*; opendelta
 ``route("t0")``, PEFT ``set_adapter("t0")``) and rows mixed (*mixed*). The figure of merit is
-**mixed-over-single throughput** = time(single) / time(mixed) (1.0: mixing costs nothing).
+**mixed-over-single throughput** = time(single) / time(mixed) (1.0: mixing costs nothing),
+the median over rounds of the two calls timed back to back in one round (the ratio of the
+medians and of the minima are in the JSON). At K = 1 both calls run the same code: its
+distance from 1.0 is the measurement noise of the run.
 Outputs are compared (``max |opendelta - peft|``). Peak memory: tensor bytes alive during
 one mixed forward plus what is resident (parameters and buffers).
 """
@@ -121,15 +124,24 @@ def _measure(label: str, base: torch.nn.Module, targets: List[str], ks: List[int
                 return m(input_ids=ids, adapter_names=routes).last_hidden_state
 
         diff = (ours_mixed() - peft_mixed()).abs().max().item()
-        times = interleaved({"os": ours_single, "om": ours_mixed, "ps": peft_single, "pm": peft_mixed},
-                            settings.warmup, settings.repeats, settings.clock)
+        # Each library's two calls alternate (single, mixed / mixed, single), so the two
+        # calls of a round are adjacent; opendelta first, then PEFT.
+        times = interleaved({"os": ours_single, "om": ours_mixed}, settings.warmup, settings.repeats,
+                            settings.clock)
+        theirs_times = interleaved({"ps": peft_single, "pm": peft_mixed}, settings.warmup, settings.repeats,
+                                   settings.clock)
+        times.update(theirs_times)
+        times.wall.update(theirs_times.wall)
+        times.samples.update(theirs_times.samples)
         mem: Dict[str, Any] = {}
         if memory:
             mem = {"opendelta": peak_forward_memory(ours_mixed, ours), "peft": peak_forward_memory(peft_mixed, theirs)}
         for impl, single, mixed in (("opendelta", "os", "om"), ("peft", "ps", "pm")):
-            ratio = times[single] / times[mixed]
+            ratio = times.paired_ratio(single, mixed)
             note = f"{label}; {rows_n} x {length}; single {times[single] * 1e3:.1f} ms"
             extra: Dict[str, Any] = {"k": k, "single_s": times[single], "mixed_s": times[mixed],
+                                     "ratio_of_medians": times[single] / times[mixed],
+                                     "ratio_of_minima": min(times.samples[single]) / min(times.samples[mixed]),
                                      "wall_single_s": times.wall[single], "wall_mixed_s": times.wall[mixed],
                                      "model": label}
             if impl == "opendelta":
@@ -146,9 +158,9 @@ def _measure(label: str, base: torch.nn.Module, targets: List[str], ks: List[int
 
 def run(settings: Settings) -> List[Row]:
     ks = [1, 4, 16, 64] if settings.smoke else [1, 4, 16, 64, 256]
-    # Ratios of a few percent: 9 rounds per case for the BERT shape (about 0.15 s a call),
+    # Ratios of a few percent: 15 rounds per case for the BERT shape (about 0.15 s a call),
     # the default rounds for the Llama-like one (about 1.5 s a call).
-    narrow = settings if settings.smoke else Settings.make(False, repeats=settings.repeats * 3, clock=settings.clock)
+    narrow = settings if settings.smoke else Settings.make(False, repeats=settings.repeats * 5, clock=settings.clock)
     rows = _measure("BERT h=256", _bert(settings.smoke), BERT_TARGETS, ks,
                     (8, 8) if settings.smoke else (64, 32), narrow, memory=True)
     wide = settings

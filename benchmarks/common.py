@@ -58,9 +58,17 @@ class Settings:
 
 
 class Timings(dict):
-    """Median seconds per case on the chosen clock; ``wall`` holds the wall-clock medians."""
+    """Median seconds per case on the chosen clock; ``wall`` holds the wall-clock medians
+    and ``samples`` every round's time of each case (on the chosen clock, in round order)."""
 
     wall: Dict[str, float]
+    samples: Dict[Any, List[float]]
+
+    def paired_ratio(self, numerator: Any, denominator: Any) -> float:
+        """Median over rounds of ``numerator / denominator`` measured in the same round:
+        two cases timed a moment apart share the machine's load, so their ratio drifts
+        less than the ratio of their medians."""
+        return statistics.median(a / b for a, b in zip(self.samples[numerator], self.samples[denominator]))
 
 
 def interleaved(cases: Dict[str, Callable[[], Any]], warmup: int, repeats: int,
@@ -86,6 +94,7 @@ def interleaved(cases: Dict[str, Callable[[], Any]], warmup: int, repeats: int,
             wall[name].append(w1 - w0)
     out = Timings({n: statistics.median(t) for n, t in chosen.items()})
     out.wall = {n: statistics.median(t) for n, t in wall.items()}
+    out.samples = chosen
     return out
 
 

@@ -98,10 +98,10 @@ def _lora_rows(layers: Sequence[Any], slots: torch.Tensor, slot_list: Sequence[i
     A = [layer._parameters["lora_A"] for layer in layers]
     B = [layer._parameters["lora_B"] for layer in layers]
     if 2 * len(layers) <= len(slot_list):
-        # Few deltas, many rows: stack them once; the rows are gathered transposed, in the
-        # layout the matrix products read fastest.
-        return (torch.stack(A).transpose(1, 2).index_select(0, slots),
-                torch.stack(B).transpose(1, 2).index_select(0, slots))
+        # Few deltas, many rows: stack them once, transposed into the layout the matrix
+        # products read fastest (a small copy), then copy whole rows.
+        return (torch.stack(A).transpose(1, 2).contiguous().index_select(0, slots),
+                torch.stack(B).transpose(1, 2).contiguous().index_select(0, slots))
     return (torch.stack([A[s] for s in slot_list]).transpose(1, 2),
             torch.stack([B[s] for s in slot_list]).transpose(1, 2))
 
