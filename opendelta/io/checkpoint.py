@@ -50,7 +50,7 @@ from .files import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME, SAVE_ID_
                     read_weights, weights_file, write_file_atomically, write_files_atomically)
 from .hashing import gen_model_hash, has_meta_parameters
 from .hub import push_checkpoint_to_hub, resolve_checkpoint_dir
-from .loading import build_config, check_backbone_hash, class_for, lora_class_for
+from .loading import DELTA_DTYPE_KEY, build_config, check_backbone_hash, class_for, lora_class_for, with_saved_dtype
 from .peft import load_peft_lora, read_peft_config
 from .state import (canonical_prefixes, delta_tensors, load_delta_tensors, rename_prefix,
                     trainable_backbone_tensors)
@@ -60,16 +60,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-
-#: config.json key recording ``delta_dtype`` (e.g. ``"float32"``).
-DELTA_DTYPE_KEY = "delta_dtype"
-
-
-def _dtype_named(name: Any, source: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise CheckpointError(f"{source}: delta_dtype {name!r} is not a floating torch dtype")
-    return dtype
 
 
 def _legacy_writer(save_function: Callable[..., Any], tensors: Dict[str, torch.Tensor]) -> Callable[[str], None]:
@@ -372,9 +362,7 @@ class SaveLoadMixin:
             check_backbone_hash(backbone_model, config, tensors, strict_hash, config_source)
 
         try:  # a construction that fails takes out what it inserted (DeltaBase.__init__)
-            saved_dtype = config.extra.get(DELTA_DTYPE_KEY)
-            if saved_dtype is not None and "delta_dtype" not in overrides:
-                overrides = {**overrides, "delta_dtype": _dtype_named(saved_dtype, config_source)}
+            overrides = with_saved_dtype(config, overrides, config_source)
             delta = delta_class.from_config(config, backbone_model, **overrides)
         except Exception as err:
             saved = config.backbone_class

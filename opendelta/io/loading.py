@@ -112,3 +112,18 @@ def check_backbone_hash(backbone: nn.Module, config: BaseDeltaConfig, tensors: D
     if strict:
         raise CheckpointError(message)
     warnings.warn(message, BackboneHashWarning, stacklevel=3)
+
+
+#: config.json key recording ``delta_dtype`` (e.g. ``"float32"``).
+DELTA_DTYPE_KEY = "delta_dtype"
+
+
+def with_saved_dtype(config: BaseDeltaConfig, overrides: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """``overrides`` plus the ``delta_dtype`` the checkpoint recorded (unless overridden)."""
+    name = config.extra.get(DELTA_DTYPE_KEY)
+    if name is None or "delta_dtype" in overrides:
+        return overrides
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{source}: delta_dtype {name!r} is not a floating torch dtype")
+    return {**overrides, "delta_dtype": dtype}
