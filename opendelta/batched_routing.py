@@ -28,7 +28,7 @@ P routed rows, independent of the number of deltas attached (details there).
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Hashable, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import nn
@@ -58,13 +58,14 @@ _KINDS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _class_kind(cls: type, side: str) -> Optional[str]:
+def _class_kind(layer_class: Hashable, side: str) -> Optional[str]:
     """The kernel kind of a layer class on ``side`` (``"pre"`` / ``"post"``), or ``None``.
 
     A class (or a base) setting ``batched_routing = False`` opts out; a subclass overriding
     the maths of its kind's base class is batched only if it declares
     ``batched_routing = True``. (A pure function of the class: cached.)
     """
+    cls = cast(type, layer_class)
     for kind, (base, kind_side, methods) in _KINDS.items():
         if kind_side != side or not issubclass(cls, base):
             continue
@@ -98,8 +99,8 @@ def _bottleneck_key(layer: Any, kind: str) -> Optional[Key]:
     return (kind, down_key, up_key, _activation_key(activation), param.dtype, param.device)
 
 
-def _layer_key(layer: nn.Module, side: str) -> Optional[Key]:
-    kind = _class_kind(type(layer), side)
+def _layer_key(layer: Any, side: str) -> Optional[Key]:
+    kind = _class_kind(cast(Hashable, type(layer)), side)
     if kind is None or layer.__dict__.get("batched_routing") is False:  # instance opt-out
         return None
     if kind == "lora":
@@ -146,7 +147,7 @@ def _row_scale(values: Sequence[float], slot_list: Sequence[int], like: torch.Te
     return torch.tensor([values[s] for s in slot_list], dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
 
-def _dropout(x: torch.Tensor, layers: Sequence[LoraLayer], slot_list: Sequence[int]) -> torch.Tensor:
+def _dropout(x: torch.Tensor, layers: Sequence[Any], slot_list: Sequence[int]) -> torch.Tensor:
     """Each row through its delta's LoRA dropout (training mode only)."""
     if not layers[0].training and all(not layer.training for layer in layers):
         return x
@@ -160,12 +161,12 @@ def _dropout(x: torch.Tensor, layers: Sequence[LoraLayer], slot_list: Sequence[i
     return x * torch.bernoulli(keep.expand_as(x)) / keep
 
 
-def _lora(factors: Factors, layers: Sequence[LoraLayer], x: torch.Tensor, base: Optional[torch.Tensor],
+def _lora(factors: Factors, layers: Sequence[Any], x: torch.Tensor, base: Optional[torch.Tensor],
           dtype: torch.dtype, slot_list: Sequence[int]) -> torch.Tensor:
     """``base + update`` (``base`` given: every row, in batch order) or the update
     (``[P, ..., out]`` in ``dtype``) of the rows of ``x`` (``[P, ..., in]``); ``factors``:
     per row ``A^T`` ``[P, in, r]`` and ``B^T`` ``[P, r, out]``."""
-    At, Bt = factors
+    At, Bt = cast(Tuple[torch.Tensor, torch.Tensor], factors)
     x3 = _dropout(_own_dtype(_rows3(x), At.dtype), layers, slot_list)
     low = torch.bmm(x3, At)  # [P, T, r]
     scale = _row_scale([layer.scaling for layer in layers], slot_list, low)
@@ -182,7 +183,8 @@ def _bottleneck(factors: Factors, layers: Sequence[Any], h: torch.Tensor, slot_l
                 ) -> torch.Tensor:
     """``scale_i * up_i(act(down_i(h_i)))`` for the rows of ``h`` (``[P, ..., in]``), in
     ``h``'s dtype; ``factors``: per row ``W_down``, ``b_down``, ``W_up``, ``b_up``."""
-    w_down, b_down, w_up, b_up = factors
+    w_down, w_up = cast(torch.Tensor, factors[0]), cast(torch.Tensor, factors[2])
+    b_down, b_up = factors[1], factors[3]
     h3 = _own_dtype(_rows3(h), w_down.dtype)
     z = torch.baddbmm(b_down.unsqueeze(1), h3, w_down) if b_down is not None else torch.bmm(h3, w_down)
     z = layers[0].parts()[1](z)

@@ -39,7 +39,7 @@ __all__ = ["row_factors", "stacked_factors"]
 Factors = Tuple[Optional[torch.Tensor], ...]
 
 
-def _projection_stack(projs: Sequence[nn.Module]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _projection_stack(projs: Sequence[Any]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``[U, in, out]`` weights and ``[U, out]`` biases (or ``None``) of projections of one type."""
     first = projs[0]
     if type(first) is nn.Linear:

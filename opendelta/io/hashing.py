@@ -197,16 +197,15 @@ def gen_parameter_hash(parameters: Union[Mapping[str, torch.Tensor], Iterable[to
     Returns:
         ``"sha256:<32 hex digits>"`` (or the given hasher's full hex digest, unprefixed).
     """
-    own = hasher is None
-    hasher = _new_hasher() if own else hasher
+    target = _new_hasher() if hasher is None else hasher
     items = list(parameters.items()) if isinstance(parameters, Mapping) else [("", p) for p in parameters]
     named = []
     for name, tensor in items:
-        hasher.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype};".encode())
+        target.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype};".encode())
         if tensor.device.type != "meta":
             named.append((name, tensor))
-    _update_with_tensors(hasher, named)
-    return _hexdigest(hasher) if own else hasher.hexdigest()
+    _update_with_tensors(target, named)
+    return _hexdigest(target) if hasher is None else target.hexdigest()
 
 
 def _structure_text(modules: Iterable[Tuple[str, nn.Module]]) -> str:
