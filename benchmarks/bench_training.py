@@ -125,7 +125,8 @@ def run(settings: Settings) -> List[Row]:
         extra_t = {"vs_floor": times[key] / floor_t, "wall_s": times.wall[key]}
         extra_m = dict(memory[key])
         if impl == "opendelta" and peft_key in times:
-            vs_t = times[key] / times[peft_key]
+            # Per-round ratio of the two adjacent calls: steadier than the ratio of medians.
+            vs_t = times.paired_ratio(key, peft_key)
             vs_m = memory[key]["total"] / memory[peft_key]["total"]
             note_t += f"; opendelta/peft = {vs_t:.3f}"
             note_m += f"; opendelta/peft = {vs_m:.3f}"
