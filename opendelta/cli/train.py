@@ -187,8 +187,9 @@ def train_classifier(model_path: str, data: Dataset, settings: TrainSettings, ou
 
     ``output_dir`` receives the delta checkpoint (``save_finetuned``) and ``metrics.json``
     (accuracies, losses, sizes, the test predictions and times: ``seconds`` for the whole
-    job from the first evaluation to the saved checkpoint, ``train_seconds`` for the
-    training loop alone and ``train_samples_per_second`` from it).
+    job from the first evaluation to the saved checkpoint, ``eval_before_seconds`` for the
+    evaluation before training, ``train_seconds`` for the training loop alone and
+    ``train_samples_per_second`` from it).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -216,6 +217,7 @@ def train_classifier(model_path: str, data: Dataset, settings: TrainSettings, ou
                               progress), data.test)
     report(f"accuracy before training: {before:.4f}")
     train_started = time.perf_counter()
+    eval_before_seconds = train_started - started
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
     steps_per_epoch = -(-len(data.train) // settings.batch_size)
@@ -264,6 +266,7 @@ def train_classifier(model_path: str, data: Dataset, settings: TrainSettings, ou
         "seconds": time.perf_counter() - started,
         "train_seconds": train_seconds,
         "train_samples_per_second": len(data.train) * settings.epochs / train_seconds,
+        "eval_before_seconds": eval_before_seconds,
         "checkpoint_bytes": checkpoint_bytes,
         "full_model_bytes": model_bytes,
         "test_predictions": predictions,
