@@ -165,10 +165,10 @@ def test_config_file_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"holds no config.json \(found: nothing\)"):
         LoraConfig.from_finetuned(tmp_path / "empty")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json is not a valid JSON configuration"):
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
         LoraConfig.from_finetuned(tmp_path / "bad.json")
     (tmp_path / "list.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="holds a JSON list"):
+    with pytest.raises(ValueError, match="must hold a JSON object, found list"):
         LoraConfig.from_finetuned(tmp_path / "list.json")
     with pytest.raises(TypeError, match=r"\['lora_rank'\] that are no field"):
         LoraConfig.from_finetuned(tmp_path, lora_rank=3)

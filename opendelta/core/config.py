@@ -308,14 +308,22 @@ def read_config_json(path: PathLike, cache_dir: Optional[PathLike] = None) -> Di
         FileNotFoundError: see :func:`resolve_config_file`.
         ValueError: the file is not JSON or holds no JSON object; the message names it.
     """
-    target = resolve_config_file(path, cache_dir)
+    return load_json_object(resolve_config_file(path, cache_dir))
+
+
+def load_json_object(path: str) -> Dict[str, Any]:
+    """The JSON object (a dict) in file ``path``.
+
+    Raises:
+        ValueError: the file is not valid JSON, or holds something else than an object.
+    """
     try:
-        with open(target, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{target} is not a valid JSON configuration: {err}") from None
+        raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{target} holds a JSON {type(data).__name__}, not an object of configuration fields")
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
 
 

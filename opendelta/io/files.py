@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from ..core.config import load_json_object
 from .names import (CHECKPOINT_FILES, CONFIG_NAME, FORMATS, LEGACY_WEIGHTS_NAME, PEFT_CONFIG_NAME,
                     PEFT_LEGACY_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, SAVE_ID_KEY, STRUCTURE_HASH_KEY, WEIGHTS_NAME,
                     BackboneHashWarning, CheckpointError, PathLike)
@@ -57,13 +58,9 @@ def read_json_object(path: str, missing_hint: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: {missing_hint}")
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the file is damaged") from err
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, found {type(value).__name__}")
-    return value
+        return load_json_object(path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def read_config_file(directory: PathLike) -> Dict[str, Any]:
@@ -148,3 +145,20 @@ def read_weights(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str
         raise CheckpointError(f"{path} is not a valid safetensors file ({err}); it is truncated or "
                               "corrupt: save the checkpoint again") from err
     return tensors, metadata
+
+
+def write_peft_adapter(directory: PathLike, adapter_config: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> str:
+    """Write a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
+    as one transaction; returns its absolute path."""
+    text = json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"
+
+    def write_weights(target: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, target, metadata={"format": "pt"})
+
+    def write_config(target: str) -> None:
+        with open(target, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return write_files_atomically(directory, {PEFT_WEIGHTS_NAME: write_weights, PEFT_CONFIG_NAME: write_config})

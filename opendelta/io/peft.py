@@ -22,7 +22,6 @@ message naming the option.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type, Union
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..core.fields import integer, number
 from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, prepare_to_read, read_json_object,
-                               read_weights, write_files_atomically)
+                               read_weights, write_peft_adapter)
 from ..core.shapes import is_conv1d_transposed
 from .state import trainable_backbone_tensors
 from .peft_ia3 import load_peft_ia3, save_peft_ia3
@@ -117,18 +116,7 @@ def save_peft_lora(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"]
         "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
     }
     adapter_config.update(export_options(cfg))  # rank, alpha and the variant flags
-    text = json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"
-
-    def write_weights(target: str) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, target, metadata={"format": "pt"})
-
-    def write_config(target: str) -> None:
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return write_files_atomically(directory, {PEFT_WEIGHTS_NAME: write_weights, PEFT_CONFIG_NAME: write_config})
+    return write_peft_adapter(directory, adapter_config, tensors)
 
 
 def read_peft_config(directory: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:

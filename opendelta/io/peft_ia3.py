@@ -16,7 +16,6 @@ scaled, ``[1, in_features]`` where the input is (feed-forward modules). Our
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
@@ -26,7 +25,7 @@ from torch import nn
 
 from ..core.shapes import is_conv1d_transposed
 from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object, read_weights,
-                    write_files_atomically)
+                    write_peft_adapter)
 from .state import trainable_backbone_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,18 +94,7 @@ def save_peft_ia3(delta: "DeltaBase", directory: Union[str, "os.PathLike[str]"],
         "target_modules": hosts, "feedforward_modules": feedforward, "fan_in_fan_out": conv1d,
         "modules_to_save": modules_to_save or None, "init_ia3_weights": True, "exclude_modules": None,
     }
-    text = json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"
-
-    def write_weights(target: str) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, target, metadata={"format": "pt"})
-
-    def write_config(target: str) -> None:
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return write_files_atomically(directory, {PEFT_WEIGHTS_NAME: write_weights, PEFT_CONFIG_NAME: write_config})
+    return write_peft_adapter(directory, adapter_config, tensors)
 
 
 def _is_feedforward(host: str, rule: Any) -> bool:

@@ -23,7 +23,6 @@ LoRA keys of :mod:`opendelta.io.peft`.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -35,7 +34,7 @@ from torch import nn
 from ..core.registry import get_delta_class
 from ..core.targets import candidate_modules
 from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object, read_weights,
-                    write_files_atomically)
+                    write_peft_adapter)
 from .state import trainable_backbone_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,18 +113,7 @@ def save_peft_parameter_lora(delta: "DeltaBase", directory: Union[str, "os.PathL
         "use_rslora": False, "use_dora": False, "modules_to_save": heads or None, "init_lora_weights": True,
         "rank_pattern": {}, "alpha_pattern": {},
     }
-    text = json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"
-
-    def write_weights(target: str) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, target, metadata={"format": "pt"})
-
-    def write_config(target: str) -> None:
-        with open(target, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return write_files_atomically(directory, {PEFT_WEIGHTS_NAME: write_weights, PEFT_CONFIG_NAME: write_config})
+    return write_peft_adapter(directory, adapter_config, tensors)
 
 
 def _check_config(config: Dict[str, Any], source: str) -> Tuple[int, float]:
