@@ -1,8 +1,8 @@
 """Shared pieces of the benchmark suite: rows, timing, memory, models, the table.
 
 Timing: every case is warmed up, then the cases compared with each other run *interleaved*
-(one call of each per round, the starting case rotating), and each reports the median of
-its rounds. On a shared machine load drifts; interleaving spreads the drift evenly.
+(one call of each per round, the order rotating and reversing from round to round), and
+each reports the median of its rounds. On a shared machine load drifts; interleaving spreads the drift evenly.
 
 Memory (section e): a ``TorchDispatchMode`` that sees every tensor storage created during
 one training step (after warm-up) and, through a weak reference, its release; the peak of
@@ -86,7 +86,13 @@ def interleaved(cases: Dict[str, Callable[[], Any]], warmup: int, repeats: int,
     chosen: Dict[str, List[float]] = {n: [] for n in names}
     wall: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        # Rotated every other round and reversed in between: every case runs at every
+        # position, and each pair of neighbours in both orders (the second of two cases with
+        # same-sized tensors reuses the memory the first freed, an advantage that must not
+        # always fall to the same one).
+        shift = (r // 2) % len(names)
+        order = names[shift:] + names[:shift]
+        for name in (order[::-1] if r % 2 else order):
             w0, c0 = time.perf_counter(), time.thread_time()
             cases[name]()
             c1, w1 = time.thread_time(), time.perf_counter()
