@@ -69,12 +69,10 @@ def _grads(deltas):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("k,n", [(1, 5), (3, 9), (64, 70)], ids=["K1", "K3", "K64"])
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch,k,n", [("bert", 1, 5), ("bert", 3, 9), ("bert", 64, 66), ("gpt2", 1, 5),
+                                      ("gpt2", 3, 9)], ids=["bert-K1", "bert-K3", "bert-K64", "gpt2-K1", "gpt2-K3"])
 @pytest.mark.parametrize("method", ROUTABLE)
 def test_training_outputs_and_gradients_equal_one_by_one(method, arch, k, n, dtype):
-    if k == 64 and arch == "gpt2" and dtype == torch.float32:
-        pytest.skip("K=64 runs on bert in float32 (and on both architectures in float64)")
     model, deltas = _model(method, arch, k, dtype)
     model.train()
     routes = _routes(k, n)
