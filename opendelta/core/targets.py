@@ -120,6 +120,8 @@ def resolve(backbone: nn.Module, keys: Sequence[str], excludes: Sequence[str], m
         ValueError: a key matched no module (the message lists the closest names), or only
             excluded ones; the defaults matched nothing.
     """
+    plain = [k for k in keys if k and not is_regex_key(k)]  # tested inline: the hot loop
+    regex = [k for k in keys if is_regex_key(k)]
     hits = {key: 0 for key in keys}
     excluded_hits = {key: 0 for key in keys}
     names: List[str] = []
@@ -133,7 +135,9 @@ def resolve(backbone: nn.Module, keys: Sequence[str], excludes: Sequence[str], m
         key_name = common if mapping is not None else name
         if not key_name:
             continue
-        matched = [k for k in keys if endswith_in(key_name, [k])]
+        matched = [k for k in plain if key_name == k or key_name.endswith("." + k)]
+        if regex:
+            matched += [k for k in regex if endswith_in(key_name, [k])]
         if not matched:
             continue
         if is_excluded(name, common, excludes):

@@ -8,6 +8,7 @@ earlier versions that updated files one by one) is refused when loading, see
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -31,6 +32,12 @@ __all__ = ["CHECKPOINT_FILES", "CONFIG_NAME", "LEGACY_WEIGHTS_NAME", "PEFT_CONFI
 # =========================================================================== small helpers
 def library_versions() -> Dict[str, str]:
     """Versions of the libraries that matter to a checkpoint, read without importing them."""
+    return dict(_library_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> Tuple[Tuple[str, str], ...]:
+    # Installed packages do not change under a running process: read their metadata once.
     from ..version import __version__
 
     out = {"opendelta_version": __version__, "torch_version": torch.__version__.split("+")[0]}
@@ -39,7 +46,7 @@ def library_versions() -> Dict[str, str]:
             out[f"{package}_version"] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out.items())
 
 
 def _env_flag(name: str) -> bool:
