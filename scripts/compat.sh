@@ -5,6 +5,7 @@
 #   bash scripts/compat.sh 5.25.0rc0                an upcoming release (outside the declared
 #                                                   range: a warning, tested anyway)
 #   bash scripts/compat.sh --with peft==0.18.0 5.0.0   also replace other pins of the lock
+#   bash scripts/compat.sh --without torchao 5.0.0     leave a locked package out (its tests skip)
 #   bash scripts/compat.sh --fresh 5.0.0            rebuild the environment even if it is current
 #   bash scripts/compat.sh 5.0.0 -- -k peft         arguments after -- go to pytest
 #
@@ -19,14 +20,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LIST=tests/compat_tests.txt
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-fresh=0; overrides=(); versions=(); pytest_args=()
+fresh=0; overrides=(); removals=(); versions=(); pytest_args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --) shift; pytest_args=("$@"); break ;;
         --fresh) fresh=1 ;;
         --with) [ $# -ge 2 ] || usage; overrides+=("$2"); shift ;;
+        --without) [ $# -ge 2 ] || usage; removals+=("$2"); shift ;;
         -h|--help) usage ;;
         -*) echo "compat.sh: unknown option $1" >&2; usage ;;
         *) [[ "$1" =~ ^[0-9]+(\.[0-9]+)*((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\.dev[0-9]+)?$ ]] \
@@ -52,7 +54,7 @@ build() {
     # pyproject.toml's [project] table only: a change to a tool's settings needs no rebuild.
     stamp=$({ cat constraints.txt scripts/compat_lock.py; sed -n '/^\[project/,/^\[tool/p' pyproject.toml; } \
             | sha256sum | cut -c1-16)
-    stamp="$stamp $version ${overrides[*]:-}"
+    stamp="$stamp $version ${overrides[*]:-} without ${removals[*]:-}"
     if [ $fresh = 0 ] && [ -f "$dir/.stamp" ] && [ "$(cat "$dir/.stamp")" = "$stamp" ]; then
         echo "reusing $dir (same lock, pyproject.toml [project] table and options)"
         return 0
@@ -64,6 +66,9 @@ build() {
     "${pip[@]}" --no-deps "transformers==$version" || return 1
     "$dir/bin/python" scripts/compat_lock.py derive constraints.txt "$dir/lock.txt" "${overrides[@]}" || return 1
     "${pip[@]}" -c "$dir/lock.txt" -r "$dir/lock.txt" "transformers==$version" || return 1
+    if [ ${#removals[@]} -gt 0 ]; then
+        "$dir/bin/python" -m pip uninstall -y -q "${removals[@]}" || return 1
+    fi
     # Without its dependencies (all installed above), so a release outside the range
     # opendelta declares can still be tried.
     "${pip[@]}" --no-deps --no-build-isolation -e . || return 1

@@ -190,6 +190,11 @@ def test_save_and_load_round_trip_exactly(moe, tmp_path):
 
 def test_peft_target_parameters_format_round_trips_through_peft(moe, tmp_path):
     peft = pytest.importorskip("peft")
+    from packaging.version import Version
+
+    if Version(peft.__version__) < Version("0.21"):
+        pytest.skip("the target_parameters layout of the PEFT format is peft >= 0.21's "
+                    f"(installed: {peft.__version__})")
     from opendelta.io.peft_parameters import load_peft_parameter_lora, save_peft_parameter_lora
 
     arch, model, _, delta, batch = moe

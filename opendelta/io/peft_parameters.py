@@ -20,6 +20,9 @@ LoRA keys of :mod:`opendelta.io.peft`.
 * :func:`save_peft_parameter_lora` writes a :class:`~opendelta.ParameterLoraModel` as such an
   adapter directory, which ``peft.PeftModel.from_pretrained`` loads;
 * :func:`load_peft_parameter_lora` builds a :class:`~opendelta.ParameterLoraModel` from one.
+
+The layout is that of peft 0.21 (tested with 0.21.2); earlier releases laid the expert
+factors of ``target_parameters`` out differently.
 """
 from __future__ import annotations
 
