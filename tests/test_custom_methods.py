@@ -11,7 +11,7 @@ from torch import nn
 
 import tiny_models as tm
 from helpers import outputs
-from opendelta import AdapterModel, BaseDeltaConfig, DeltaBase, LoraModel
+from opendelta import BaseDeltaConfig, DeltaBase, LoraModel
 from opendelta.core.extension import ReplacementLayer
 from opendelta.utils.signature import get_arg_names_inside_func
 
@@ -265,7 +265,8 @@ def test_user_class_errors_are_clear():
     with pytest.raises(ValueError, match="not a module of this delta's backbone"):
         delta.insert_sequential_module(nn.Linear(2, 2), delta_module=ScaleShift(2, 2, 1.0))
     with pytest.raises(TypeError, match="neither pre_forward nor post_forward"):
-        delta.insert_sequential_module(model.cls.predictions.transform.dense, delta_module=nn.Identity(), delta_name="x")
+        delta.insert_sequential_module(model.cls.predictions.transform.dense, delta_module=nn.Identity(),
+                                       delta_name="x")
     with pytest.raises(ValueError, match="matches no module"):
         ScaleShiftModel(tm.build("bert", "lm"), modified_modules=["no_such_module"])
     assert delta.find_module(model, "") == (model, "", model)

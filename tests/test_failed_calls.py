@@ -86,7 +86,8 @@ CASES = {
     "route: unknown name": (ValueError, r"route names \['zzz'\] match no delta attached",
                             lambda w: opendelta.route(["zzz"], w["model"]).__enter__()),
     "route: rows that do not fit": (ValueError, r"rows|batch", _bad_route_rows),
-    "save_peft_lora: not LoRA": (TypeError, r"only LoRA, IA3 and parameter LoRA deltas have a PEFT format; this is a .adapter. delta",
+    "save_peft_lora: not LoRA": (TypeError, r"only LoRA, IA3 and parameter LoRA deltas have a PEFT format; "
+                                            r"this is a .adapter. delta",
                                  lambda w: save_peft_lora(w["adapter"], w["path"])),
     "load_peft_lora: not an adapter": (CheckpointError, r"adapter_config.json is missing",
                                        lambda w: load_peft_lora(w["path"], w["model"])),

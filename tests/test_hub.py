@@ -90,7 +90,8 @@ def test_repo_missing_from_the_cache_offline(tmp_path, no_network, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     backbone = tm.build("bert")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"not a local directory, and the Hub repo 'org/absent' is not in .*offline"):
+    message = r"not a local directory, and the Hub repo 'org/absent' is not in .*offline"
+    with pytest.raises(CheckpointError, match=message):
         AutoDeltaModel.from_finetuned("org/absent", backbone, cache_dir=tmp_path / "cache")
     after = backbone.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())

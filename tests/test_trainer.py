@@ -67,7 +67,8 @@ def test_unchanged_trainer_writes_delta_only_checkpoints_and_resumes(tmp_path):
     result = resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{SAVE_EVERY}"))
     assert result.global_step == STEPS
     # The history up to the checkpoint is restored and steps 4..6 reproduce the full run's.
-    losses = lambda t: [(e["step"], e["loss"]) for e in t.state.log_history if "loss" in e]
+    def losses(t):
+        return [(e["step"], e["loss"]) for e in t.state.log_history if "loss" in e]
     assert losses(resumed) == losses(trainer)
     assert [step for step, _ in losses(resumed)] == list(range(1, STEPS + 1))
     got = _trainable(fresh)
