@@ -4,8 +4,10 @@ method; outputs and parameter gradients equal running each example alone with it
 The per-example reference runs row ``i`` alone (a batch of one) with ``route(name)``, the
 uniform path, which runs only that delta's layers through their own ``post_forward`` /
 ``pre_forward`` (tests/test_routing.py ties that path to "only this delta attached").
-Tolerances: float64 1e-12 (relative to the largest value compared), float32 1e-6
-(matrix products over a batch and over one row round differently).
+Tolerances: float64 1e-12 (relative to the largest value compared): the maths is the same;
+float32 1e-6 for outputs (matrix products over a batch and over one row round differently)
+and 1e-5 for parameter gradients, which sum over every token of the rows routed to a delta
+in another order than the one-by-one reference does.
 """
 import copy
 
@@ -25,6 +27,7 @@ BATCHED = [m for m in ROUTABLE if m in ("lora", "adapter", "low_rank_adapter", "
 NO_DROPOUT = {"bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
               "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+GRAD_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 def _model(method, arch, k, dtype=torch.float32):
@@ -42,10 +45,10 @@ def _routes(k, n):
     return [names[i] for i in order]
 
 
-def _close(a, b, dtype, what):
+def _close(a, b, dtype, what, tolerances=TOL):
     scale = max(1.0, b.abs().max().item())
     err = (a - b).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3e} (scale {scale:.2f})"
+    assert err <= tolerances[dtype] * scale, f"{what}: max error {err:.3e} (scale {scale:.2f})"
 
 
 def _forward_backward(model, inputs, weights, routes):
@@ -89,7 +92,7 @@ def test_training_outputs_and_gradients_equal_one_by_one(method, arch, k, n, dty
     for key, grad in reference_grads.items():
         assert (grad is None) == (routed_grads[key] is None), key
         if grad is not None:
-            _close(routed_grads[key], grad, dtype, f"gradient of delta {key[0]}'s {key[1]}")
+            _close(routed_grads[key], grad, dtype, f"gradient of delta {key[0]}'s {key[1]}", GRAD_TOL)
     assert any(g is not None and g.abs().sum() > 0 for g in routed_grads.values())
 
 

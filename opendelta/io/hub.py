@@ -66,6 +66,17 @@ def resolve_checkpoint_dir(path_or_repo_id: PathLike, cache_dir: Optional[PathLi
                               f"revision: {err}") from err
     except HfHubHTTPError as err:
         raise CheckpointError(f"cannot download {value!r} from the Hub: {err}") from err
+    except Exception as err:  # noqa: BLE001 - network errors of whichever HTTP client the hub uses
+        if offline:
+            raise
+        # huggingface_hub 2.x falls back to its cache by itself on connection errors; older
+        # releases raise their HTTP client's error: fall back here, the same way.
+        try:
+            return snapshot_download(repo_id=value, revision=revision, cache_dir=cache_dir,
+                                     local_files_only=True, token=token, allow_patterns=HUB_FILES)
+        except LocalEntryNotFoundError:
+            raise CheckpointError(f"cannot reach the Hub for {value!r} ({type(err).__name__}: {err}), and it "
+                                  f"is not in {cache_dir or 'the huggingface_hub cache'}") from err
 
 
 def push_checkpoint_to_hub(directory: PathLike, repo_id: str, private: Optional[bool] = None,
