@@ -151,3 +151,37 @@ def test_legacy_weights_are_read_with_weights_only(tmp_path, fixtures_dir):
         AutoDeltaModel.from_finetuned(directory, backbone_model=model)
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_original_gpt2_bitfit_checkpoint_reproduces_its_outputs(tmp_path):
+    """A checkpoint as OpenDelta 0.3.2 writes it for GPT-2 BitFit: its default targets
+    (``lm_head@.proj@`` overlapping ``exclude_modules: ["lm_head"]``), the trained biases
+    under the backbone's own names in pytorch_model.bin. It loads and gives the outputs of
+    the backbone with those biases."""
+    import tiny_models as tm
+
+    tuned = tm.build("gpt2", "lm")
+    state = {}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if name.endswith(".bias") and ".h." in name:
+                param.add_(torch.randn(param.shape, generator=g) * 0.1)
+                state[name] = param.detach().clone()
+    inputs = tm.example_inputs("gpt2")
+    with torch.no_grad():
+        expected = tuned(**inputs).logits
+    directory = tmp_path / "original"
+    directory.mkdir()
+    torch.save(state, directory / "pytorch_model.bin")
+    (directory / "config.json").write_text(json.dumps({
+        "delta_type": "bitfit", "opendelta_version": "0.3.2", "backbone_class": "GPT2LMHeadModel",
+        "modified_modules": ["attn@", "ff@", "layer_norm@", "lm_head@.proj@"],
+        "exclude_modules": ["lm_head"], "unfrozen_modules": ["deltas"], "common_structure": True,
+        "backbone_hash": "d41d8cd98f00b204e9800998ecf8427e"}))
+    fresh = tm.build("gpt2", "lm")
+    delta = AutoDeltaModel.from_finetuned(str(directory), fresh)
+    assert isinstance(delta, BitFitModel)
+    with torch.no_grad():
+        got = fresh(**inputs).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
