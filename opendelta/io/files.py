@@ -169,3 +169,31 @@ def write_peft_adapter(directory: PathLike, adapter_config: Dict[str, Any], tens
             f.write(text)
 
     return write_files_atomically(directory, {PEFT_WEIGHTS_NAME: write_weights, PEFT_CONFIG_NAME: write_config})
+
+
+def read_peft_adapter(directory: PathLike) -> Tuple[Dict[str, Any], str]:
+    """``(adapter_config dict, its path)`` of a PEFT adapter directory, after the same
+    preparation as any checkpoint (recovery, one format only).
+
+    Raises:
+        CheckpointError: no or a damaged ``adapter_config.json``.
+    """
+    directory = os.fspath(directory)
+    prepare_to_read(directory)
+    source = os.path.join(directory, PEFT_CONFIG_NAME)
+    return read_json_object(source, "not a PEFT adapter directory"), source
+
+
+def peft_weights_file(directory: PathLike) -> str:
+    """The weights file of a PEFT adapter directory (safetensors preferred).
+
+    Raises:
+        CheckpointError: there is none.
+    """
+    directory = os.fspath(directory)
+    for name in (PEFT_WEIGHTS_NAME, PEFT_LEGACY_WEIGHTS_NAME):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(f"{os.path.join(directory, PEFT_WEIGHTS_NAME)} is missing: the PEFT adapter "
+                          "directory has no weights")

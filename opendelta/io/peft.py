@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ..core.fields import integer, number
-from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, prepare_to_read, read_json_object,
-                               read_weights, write_peft_adapter)
+from .files import (PEFT_CONFIG_NAME, CheckpointError, peft_weights_file, read_json_object, read_peft_adapter,
+                    read_weights, write_peft_adapter)
 from ..core.shapes import is_conv1d_transposed
 from .state import trainable_backbone_tensors
 from .peft_ia3 import load_peft_ia3, save_peft_ia3
@@ -124,15 +124,6 @@ def read_peft_config(directory: Union[str, "os.PathLike[str]"]) -> Dict[str, Any
                             "not a PEFT adapter directory")
 
 
-def _peft_weights_file(directory: str) -> str:
-    for name in (PEFT_WEIGHTS_NAME, "adapter_model.bin"):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-    raise CheckpointError(f"{os.path.join(directory, PEFT_WEIGHTS_NAME)} is missing: the PEFT adapter "
-                          "directory has no weights")
-
-
 def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn.Module,
                    delta_class: Optional[Type["DeltaBase"]] = None) -> "DeltaBase":
     """Build a LoRA delta on ``backbone_model`` from a PEFT LoRA adapter directory.
@@ -142,9 +133,7 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
             do not fit the backbone. The backbone is unchanged after a failure.
     """
     directory = os.fspath(directory)
-    prepare_to_read(directory)  # leftovers of interrupted saves; two formats are refused
-    source = os.path.join(directory, PEFT_CONFIG_NAME)
-    config = read_peft_config(directory)
+    config, source = read_peft_adapter(directory)  # after recovery; two formats are refused
     if str(config.get("peft_type", "")).upper() == "IA3":  # PEFT's IA3 adapters: see peft_ia3.py
         return load_peft_ia3(directory, backbone_model)
     if config.get("target_parameters"):  # LoRA on parameters (MoE experts): see peft_parameters.py
@@ -172,7 +161,7 @@ def load_peft_lora(directory: Union[str, "os.PathLike[str]"], backbone_model: nn
     r = int(config["r"])
     alpha = float(config.get("lora_alpha", 8))
     variant = import_options(config, source)  # use_rslora, use_dora, init_lora_weights
-    file = _peft_weights_file(directory)
+    file = peft_weights_file(directory)
     raw, _ = read_weights(file)
 
     hosts: List[str] = []

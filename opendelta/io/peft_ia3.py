@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from ..core.shapes import is_conv1d_transposed
-from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object, read_weights,
-                    write_peft_adapter)
+from .files import CheckpointError, peft_weights_file, read_peft_adapter, read_weights, write_peft_adapter
 from .state import trainable_backbone_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -107,15 +106,6 @@ def _is_feedforward(host: str, rule: Any) -> bool:
     return any(host.endswith(str(entry)) for entry in rule)
 
 
-def _weights_file(directory: str) -> str:
-    for name in (PEFT_WEIGHTS_NAME, "adapter_model.bin"):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-    raise CheckpointError(f"{os.path.join(directory, PEFT_WEIGHTS_NAME)} is missing: the PEFT adapter "
-                          "directory has no weights")
-
-
 def load_peft_ia3(directory: Union[str, "os.PathLike[str]"], backbone_model: nn.Module,
                   delta_class: Optional[type] = None) -> "DeltaBase":
     """Build an IA3 delta on ``backbone_model`` from a PEFT IA3 adapter directory.
@@ -129,12 +119,10 @@ def load_peft_ia3(directory: Union[str, "os.PathLike[str]"], backbone_model: nn.
             fit its module, keys that do not fit the backbone. The backbone is unchanged
             after a failure.
     """
-    directory = os.fspath(directory)
-    source = os.path.join(directory, PEFT_CONFIG_NAME)
-    config = read_json_object(source, "not a PEFT adapter directory")
+    config, source = read_peft_adapter(directory)
     if str(config.get("peft_type", "")).upper() != "IA3":
         raise CheckpointError(f"{source}: peft_type {config.get('peft_type')!r} is not IA3")
-    file = _weights_file(directory)
+    file = peft_weights_file(directory)
     raw, _ = read_weights(file)
     vectors: Dict[str, torch.Tensor] = {}
     backbone_tensors: Dict[str, torch.Tensor] = {}

@@ -36,8 +36,7 @@ from torch import nn
 
 from ..core.registry import get_delta_class
 from ..core.targets import candidate_modules
-from .files import (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, CheckpointError, read_json_object, read_weights,
-                    write_peft_adapter)
+from .files import CheckpointError, peft_weights_file, read_peft_adapter, read_weights, write_peft_adapter
 from .state import trainable_backbone_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -143,14 +142,9 @@ def load_peft_parameter_lora(directory: Union[str, "os.PathLike[str]"], backbone
         CheckpointError: not a LoRA adapter, an unsupported option, keys or shapes that do not
             fit the backbone. The backbone is unchanged after a failure.
     """
-    directory = os.fspath(directory)
-    source = os.path.join(directory, PEFT_CONFIG_NAME)
-    config = read_json_object(source, "not a PEFT adapter directory")
+    config, source = read_peft_adapter(directory)
     r, alpha = _check_config(config, source)
-    file = next((os.path.join(directory, n) for n in (PEFT_WEIGHTS_NAME, "adapter_model.bin")
-                 if os.path.isfile(os.path.join(directory, n))), None)
-    if file is None:
-        raise CheckpointError(f"{directory}: no adapter weights ({PEFT_WEIGHTS_NAME})")
+    file = peft_weights_file(directory)
     raw, _ = read_weights(file)
     keys = list(config.get("target_parameters") or [])
     modules = dict(candidate_modules(backbone_model))
