@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Dict
 
 from .structure_maps_moe import MOE_STRUCTURES
-from .structure_maps_speech import SPEECH_STRUCTURES
 from .structure_maps_text import TEXT_STRUCTURES
 from .structure_maps_vision import VISION_STRUCTURES
 
@@ -162,6 +161,12 @@ def _bart_layer(side: str) -> StructureMap:
 BART: StructureMap = {"shared": "embeddings", **_bart_layer("encoder"), **_bart_layer("decoder"),
                       "lm_head": "lm_head.proj"}
 
+#: Whisper (``WhisperForConditionalGeneration`` and its base model) has BART's layers: an
+#: encoder over audio features (its convolutional front end has no common name), a decoder
+#: with self- and cross-attention, and ``proj_out`` as the LM head.
+WHISPER: StructureMap = {"decoder.embed_tokens": "embeddings", **_bart_layer("encoder"), **_bart_layer("decoder"),
+                         "proj_out": "lm_head.proj"}
+
 LLAMA: StructureMap = {
     "embed_tokens": "embeddings",
     "layers.{i}": "decoder.block.{i}",
@@ -194,8 +199,8 @@ COMMON_STRUCTURES: Dict[str, StructureMap] = {
     "llama": LLAMA,
     "qwen2": LLAMA,
     "mistral": LLAMA,
+    "whisper": WHISPER,
     **TEXT_STRUCTURES,
     **VISION_STRUCTURES,
-    **SPEECH_STRUCTURES,
     **MOE_STRUCTURES,
 }
