@@ -108,21 +108,18 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def _common_map(model: Any) -> Any:
-    """The model's common-structure map; for an architecture without one, the inferred map
-    (its table is printed first, so the user sees what was inferred)."""
-    from ..core.inference import StructureInferenceError, infer_structure
-    from ..core.structure import CommonStructureMap
+    """The model's common-structure map, as a delta model finds it (its own, over the known
+    backbones it holds, or inferred; an inferred map's table is printed first)."""
+    from ..core.inference import InferredStructureMap
+    from ..core.targets import required_structure_map
 
-    known = CommonStructureMap.load(model)
-    if known is not None:
-        return known
     try:
-        inferred = infer_structure(model)
-    except StructureInferenceError as error:
-        raise CLIError(f"--common-structure: {type(model).__name__} has no common-structure map and "
-                       f"inferring one failed: {error}") from None
-    print(inferred.summary())
-    return inferred
+        mapping = required_structure_map("--common-structure", model)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
+    if isinstance(mapping, InferredStructureMap):
+        print(mapping.summary())
+    return mapping
 
 
 # -------------------------------------------------------------------------------- inspect
