@@ -1,13 +1,12 @@
 """PrefixModel: prefixes through transformers' Cache API, masks, generate(), export."""
 import copy
 import io
-import threading
 
 import pytest
 import torch
 
 import tiny_models as tm
-from helpers import outputs, perturb, trainable_names
+from helpers import UNROUTED, outputs, perturb, serve_interleaved_distilbert, trainable_names
 from opendelta import AutoDeltaConfig, AutoDeltaModel, LoraModel, PrefixModel
 from opendelta.methods.prefix import PrefixLayer, PrefixReparameterization
 
@@ -385,8 +384,8 @@ def test_t5_relative_positions_of_real_tokens_are_unchanged():
 
 
 def test_distilbert_concurrent_forwards_are_isolated():
-    """Two threads run one DistilBERT with a prefix delta, each on its own inputs, forced to
-    interleave inside the first attention: both have passed its pre-hook and the key
+    """Two threads run one DistilBERT with a prefix delta (no routing), each on its own inputs,
+    forced to interleave inside the first attention: both have passed its pre-hook and the key
     projection, then the first thread finishes the attention before the second reaches the
     value projection. The prefixes travel per thread from the attention's pre-hook to the
     projections, so each thread gets its single-threaded result."""
@@ -395,42 +394,6 @@ def test_distilbert_concurrent_forwards_are_isolated():
     jobs = {"first": tm.example_inputs("distilbert", seed=1),
             "second": tm.example_inputs("distilbert", batch=3, length=5, seed=2)}
     expected = {name: outputs(model, inputs) for name, inputs in jobs.items()}
-    timeout = 30
-    barrier, first_done = threading.Barrier(2, timeout=timeout), threading.Event()
-
-    def before_value_projection(module, args):
-        barrier.wait()
-        if threading.current_thread().name == "second" and not first_done.wait(timeout):
-            raise TimeoutError("the first thread did not finish its attention")
-
-    def after_attention(module, args, output):
-        if threading.current_thread().name == "first":
-            first_done.set()
-
-    attention = model.distilbert.transformer.layer[0].attention
-    handles = [attention.v_lin.register_forward_pre_hook(before_value_projection),
-               attention.register_forward_hook(after_attention)]
-    results, errors = {}, []
-
-    def run(name):
-        try:
-            results[name] = outputs(model, jobs[name])
-        except BaseException as err:  # re-raised below
-            errors.append(err)
-            barrier.abort()
-            first_done.set()
-
-    threads = [threading.Thread(target=run, args=(name,), name=name) for name in jobs]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(2 * timeout)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if errors:
-        raise errors[0]
-    assert not any(thread.is_alive() for thread in threads)
+    results = serve_interleaved_distilbert(model, {name: (UNROUTED, inputs) for name, inputs in jobs.items()})
     for name in jobs:
         assert torch.equal(results[name], expected[name]), name

@@ -12,61 +12,15 @@ projections and their deltas' hooks), then the first thread finishes the whole a
 (its post-hooks included) while the second is still held before its value projection.
 Each thread's output equals its single-threaded reference, bit for bit.
 """
-import threading
-
 import pytest
 import torch
 
 import opendelta
 import tiny_models as tm
-from helpers import outputs, perturb
+from helpers import outputs, perturb, serve_interleaved_distilbert
 from matrix_cases import build, methods
 
-TIMEOUT = 30
 METHODS = sorted(set(methods(routable=True)) | {"prefix"})
-
-
-def _serve(model, jobs):
-    """Run ``jobs`` ({thread name: (route, inputs)}) concurrently, interleaved as described
-    in the module docstring; returns {thread name: output}."""
-    attention = model.distilbert.transformer.layer[0].attention
-    barrier, first_done = threading.Barrier(len(jobs), timeout=TIMEOUT), threading.Event()
-
-    def before_value_projection(module, args):
-        barrier.wait()
-        if threading.current_thread().name != "first" and not first_done.wait(TIMEOUT):
-            raise TimeoutError("the first thread did not finish its attention")
-
-    def after_attention(module, args, output):
-        if threading.current_thread().name == "first":
-            first_done.set()
-
-    handles = [attention.v_lin.register_forward_pre_hook(before_value_projection),
-               attention.register_forward_hook(after_attention)]
-    results, errors = {}, []
-
-    def run(name, route, inputs):
-        try:
-            with opendelta.route(route):
-                results[name] = outputs(model, inputs)
-        except BaseException as err:  # re-raised below with its own traceback
-            errors.append(err)
-            barrier.abort()
-            first_done.set()
-
-    threads = [threading.Thread(target=run, args=(name, *job), name=name) for name, job in jobs.items()]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(2 * TIMEOUT)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if errors:
-        raise errors[0]
-    assert not any(thread.is_alive() for thread in threads)
-    return results
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -84,6 +38,6 @@ def test_two_threads_two_routes_on_distilbert_are_isolated(method):
         assert not torch.allclose(outputs(model, inputs["a"]), expected["a"])
 
     for first, second in (("a", "b"), ("b", "a")):  # either route finishes its attention first
-        got = _serve(model, {"first": (first, inputs[first]), "second": (second, inputs[second])})
+        got = serve_interleaved_distilbert(model, {"first": (first, inputs[first]), "second": (second, inputs[second])})
         assert torch.equal(got["first"], expected[first]), (method, first)
         assert torch.equal(got["second"], expected[second]), (method, second)
